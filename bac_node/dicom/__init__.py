@@ -1,0 +1,1 @@
+"""Reading and validating MG instances, UIDs, laterality and view, pairing."""

@@ -1,0 +1,48 @@
+"""Coded concepts for mammography views and anatomy: the one place they are defined.
+
+Values are from DICOM PS3.16 CID 4014 (View for Mammography), CID 4015 (View Modifier
+for Mammography) and SNOMED CT.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Code:
+    value: str
+    scheme: str
+    meaning: str
+
+
+SCT = "SCT"
+
+VIEW_CC = Code("399162004", SCT, "cranio-caudal")
+VIEW_MLO = Code("399368009", SCT, "medio-lateral oblique")
+VIEW_ML = Code("399260004", SCT, "medio-lateral")
+VIEW_LM = Code("399352003", SCT, "latero-medial")
+VIEW_XCCL = Code("399192003", SCT, "cranio-caudal exaggerated laterally")
+VIEW_XCCM = Code("399101009", SCT, "cranio-caudal exaggerated medially")
+
+#: ViewPosition (0018,5101) value for each screening view name.
+SCREENING_VIEW_CODES: dict[str, Code] = {"CC": VIEW_CC, "MLO": VIEW_MLO}
+
+#: Every mammography view this project recognises, by ViewPosition abbreviation.
+VIEW_CODES_BY_POSITION: dict[str, Code] = {
+    "CC": VIEW_CC,
+    "MLO": VIEW_MLO,
+    "ML": VIEW_ML,
+    "LM": VIEW_LM,
+    "XCCL": VIEW_XCCL,
+    "XCCM": VIEW_XCCM,
+}
+
+BREAST = Code("76752008", SCT, "Breast")
+RIGHT_BREAST = Code("73056007", SCT, "Right breast")
+LEFT_BREAST = Code("80248007", SCT, "Left breast")
+
+# View modifiers (CID 4015): views carrying these are not screening views.
+MODIFIER_SPOT_COMPRESSION = Code("399055006", SCT, "spot compression")
+MODIFIER_MAGNIFICATION = Code("399163009", SCT, "magnification")
+MODIFIER_IMPLANT_DISPLACED = Code("399124002", SCT, "implant displaced")

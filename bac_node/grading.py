@@ -1,0 +1,93 @@
+"""BAC burden grading: the one place the grade thresholds live.
+
+BAC area % = BAC pixels / breast pixels x 100 (Ibrahim et al. 2025). Grades:
+``< 0.2`` → 0 absent, ``0.2 ≤ x < 1`` → 1 mild, ``1 ≤ x ≤ 2.5`` → 2 moderate,
+``> 2.5`` → 3 severe. The paper gives the bands as "0.2-1 %" and "1-2.5 %"; we put
+each shared edge in the higher band except 2.5 %, which stays moderate, because
+"severe" is defined as *more than* 2.5 %. Grade 3 raises the cardiovascular flag.
+
+A side's burden pools its views (BAC pixels of CC + MLO over breast pixels of CC + MLO,
+all views of one study having one pixel spacing); the study's grade is the grade of
+the higher-burden side.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import IntEnum
+
+
+class BACGrade(IntEnum):
+    ABSENT = 0
+    MILD = 1
+    MODERATE = 2
+    SEVERE = 3
+
+
+#: Lower bound (area %) of grades 1 and 2, and the bound above which grade 3 starts.
+MILD_FROM_PERCENT = 0.2
+MODERATE_FROM_PERCENT = 1.0
+SEVERE_ABOVE_PERCENT = 2.5
+
+#: Inclusive-exclusive area % band of each grade, as used to plan phantoms.
+GRADE_BANDS: dict[BACGrade, tuple[float, float]] = {
+    BACGrade.ABSENT: (0.0, MILD_FROM_PERCENT),
+    BACGrade.MILD: (MILD_FROM_PERCENT, MODERATE_FROM_PERCENT),
+    BACGrade.MODERATE: (MODERATE_FROM_PERCENT, SEVERE_ABOVE_PERCENT),
+    BACGrade.SEVERE: (SEVERE_ABOVE_PERCENT, 100.0),
+}
+
+
+def grade_from_area_percent(area_percent: float) -> BACGrade:
+    """The BAC grade of an area percentage (see the module docstring for the edges)."""
+    if area_percent < 0:
+        raise ValueError(f"area_percent must be >= 0, got {area_percent}")
+    if area_percent < MILD_FROM_PERCENT:
+        return BACGrade.ABSENT
+    if area_percent < MODERATE_FROM_PERCENT:
+        return BACGrade.MILD
+    if area_percent <= SEVERE_ABOVE_PERCENT:
+        return BACGrade.MODERATE
+    return BACGrade.SEVERE
+
+
+def cardiovascular_flag(grade: BACGrade) -> bool:
+    """Grade 3 (severe) flags raised cardiovascular risk."""
+    return grade == BACGrade.SEVERE
+
+
+def bac_area_percent(bac_pixels: int, breast_pixels: int) -> float:
+    """BAC area as a percentage of breast area; 0 when there is no breast."""
+    if bac_pixels < 0 or breast_pixels < 0:
+        raise ValueError("pixel counts must be >= 0")
+    if breast_pixels == 0:
+        return 0.0
+    return 100.0 * bac_pixels / breast_pixels
+
+
+@dataclass(frozen=True)
+class Burden:
+    """Pooled BAC burden of some images (one side, or one image)."""
+
+    bac_pixels: int
+    breast_pixels: int
+
+    @property
+    def area_percent(self) -> float:
+        return bac_area_percent(self.bac_pixels, self.breast_pixels)
+
+    @property
+    def grade(self) -> BACGrade:
+        return grade_from_area_percent(self.area_percent)
+
+    @staticmethod
+    def pooled(parts: Iterable[Burden]) -> Burden:
+        parts = list(parts)
+        return Burden(sum(p.bac_pixels for p in parts), sum(p.breast_pixels for p in parts))
+
+
+def study_grade(sides: Iterable[Burden]) -> BACGrade:
+    """Grade of the higher-burden side (ABSENT when there is no side)."""
+    grades = [s.grade for s in sides]
+    return max(grades, default=BACGrade.ABSENT)
