@@ -1,0 +1,1 @@
+"""Image handling of MG instances: the display transform, spacing, orientation, breast mask."""
