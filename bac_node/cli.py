@@ -1,0 +1,266 @@
+"""The ``bac-node`` command group.
+
+Domain errors (:class:`bac_node.errors.BacNodeError`) become a one-line ``Error: …``
+and exit status 1 here, and only here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from bac_node import __version__
+from bac_node.config import Settings, load_settings, setting_help
+from bac_node.errors import BacNodeError, ConfigError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: glibc keeps large tensors mapped instead of unmapping them after every use: 2-3x
+#: faster large forward passes on CPU (measured; see README "Performance").
+GLIBC_TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=17179869184"
+_REEXEC_GUARD = "BAC_NODE_ALLOCATOR_TUNED"
+
+SAMPLE_DIR = Path("sample_dicom")
+#: How sample_dicom/ was made (and how the demo remakes it when it is not at hand).
+SAMPLE_RECIPE: dict[str, Any] = {
+    "studies": 1,
+    "seed": 2025,
+    "vendor": "Hologic",
+    "grades": {3: 1.0},
+    "scale": 0.25,
+}
+
+
+def tune_allocator() -> None:
+    """Re-run this command with the glibc allocator tuned, once, on Linux.
+
+    Heavy commands call this first; it replaces the process (same arguments) unless the
+    user set ``GLIBC_TUNABLES`` themselves or ``BAC_NODE_ALLOCATOR_TUNED`` is set.
+    """
+    if not sys.platform.startswith("linux") or os.environ.get(_REEXEC_GUARD):
+        return
+    if os.environ.get("GLIBC_TUNABLES"):
+        return
+    env = dict(os.environ, GLIBC_TUNABLES=GLIBC_TUNABLES, **{_REEXEC_GUARD: "1"})
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "bac_node", *sys.argv[1:]], env)
+
+
+class _Context:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+
+pass_context = click.make_pass_decorator(_Context)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", "-V", prog_name="bac-node")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="TOML settings file (default: $BAC_NODE_CONFIG, else ./bac-node.toml if present).",
+)
+@click.option(
+    "--data-dir", type=click.Path(file_okay=False, path_type=Path), help=setting_help()["data_dir"]
+)
+@click.option("--log-level", help=setting_help()["log_level"])
+@click.option("--device", help=setting_help()["device"])
+@click.pass_context
+def cli(
+    ctx: click.Context,
+    config_file: Path | None,
+    data_dir: Path | None,
+    log_level: str | None,
+    device: str | None,
+) -> None:
+    """bac-node: breast arterial calcification (BAC) on screening mammograms.
+
+    Research use only. Not for clinical use.
+    """
+    try:
+        settings, _ = load_settings(
+            config_file=config_file,
+            cli={"data_dir": data_dir, "log_level": log_level, "device": device},
+        )
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    ctx.obj = _Context(settings)
+
+
+@cli.command("settings")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@pass_context
+def settings_command(obj: _Context, config_file: Path | None, as_json: bool) -> None:
+    """Show every setting, its value and where the value came from."""
+    settings, sources = load_settings(config_file=config_file)
+    settings = obj.settings if config_file is None else settings
+    values = {name: str(getattr(settings, name)) for name in sources}
+    if as_json:
+        click.echo(
+            json.dumps({n: {"value": v, "source": sources[n]} for n, v in values.items()}, indent=1)
+        )
+        return
+    width = max(len(n) for n in values)
+    for name, value in values.items():
+        click.echo(f"{name:<{width}}  {value:<24}  ({sources[name]})")
+
+
+@cli.command()
+@click.option("--studies", "-n", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--seed", type=int, help="Random seed (default: the `seed` setting).")
+@click.option("--vendor", help="Only this vendor style (default: the source study's vendor mix).")
+@click.option(
+    "--grades",
+    default="0:0.3,1:0.3,2:0.2,3:0.2",
+    show_default=True,
+    help='Grade distribution: "0,1,2,3" (equal) or "GRADE:WEIGHT,...".',
+)
+@click.option(
+    "--scale",
+    type=click.FloatRange(min=0.01, max=1.0),
+    default=1.0,
+    show_default=True,
+    help="Matrix scale: 1 is the vendor's full resolution; < 1 makes small images "
+    "of the same field of view.",
+)
+@click.option(
+    "--priors",
+    type=click.FloatRange(0, 1),
+    default=0.2,
+    show_default=True,
+    help="Share of studies that are another screening round of an earlier woman.",
+)
+@click.option(
+    "--for-processing",
+    "processing",
+    type=click.FloatRange(0, 1),
+    default=0.15,
+    show_default=True,
+    help="Share of studies that also carry For Processing images.",
+)
+@click.option(
+    "--jpeg2000",
+    type=click.Choice(["never", "some", "always"]),
+    default="never",
+    show_default=True,
+    help="JPEG 2000 lossless for vendors that offer it.",
+)
+@click.option("--contact-sheet/--no-contact-sheet", default=True, show_default=True,
+              help="Write contact_sheet.png of the first study.")  # fmt: skip
+@pass_context
+def synth(
+    obj: _Context,
+    studies: int,
+    out: Path,
+    seed: int | None,
+    vendor: str | None,
+    grades: str,
+    scale: float,
+    priors: float,
+    processing: float,
+    jpeg2000: str,
+    contact_sheet: bool,
+) -> None:
+    """Generate synthetic 4-view screening studies with exact BAC ground truth.
+
+    Writes DICOM (MG), 1-bit PNG masks (BAC, breast, pectoral) and manifest.csv/json
+    with per-image vendor, patient, laterality, view, pixel counts, area %, grade and
+    patient-level split. Deterministic for a given seed. Not patient data.
+    """
+    tune_allocator()
+    from training.phantom.study import parse_grade_distribution, plan_studies, synthesize
+    from training.phantom.vendors import VENDOR_NAMES
+
+    if vendor is not None and vendor not in VENDOR_NAMES:
+        raise BacNodeError(f"unknown vendor {vendor!r}; valid: {', '.join(VENDOR_NAMES)}")
+    try:
+        distribution = parse_grade_distribution(grades)
+    except ValueError as exc:
+        raise BacNodeError(f"--grades: {exc}") from None
+    seed = obj.settings.seed if seed is None else seed
+    plans = plan_studies(
+        studies, seed, vendor=vendor, grades=distribution,
+        prior_fraction=priors, processing_fraction=processing, jpeg2000=jpeg2000,
+    )  # fmt: skip
+    rows = synthesize(plans, out, scale=scale, progress=True)
+    if contact_sheet and rows:
+        from training.phantom.contact_sheet import study_contact_sheet
+
+        first = [r for r in rows if r["study"] == rows[0]["study"]]
+        study_contact_sheet(out, first, out / "contact_sheet.png")
+    click.echo(f"wrote {len(plans)} studies, {len(rows)} images, manifest: {out / 'manifest.csv'}")
+
+
+@cli.command()
+@click.option(
+    "--input",
+    "input_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="A synth output directory (default: ./sample_dicom, remade in --out if absent).",
+)
+@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path),
+              help="Where the demo writes its results (default: DATA_DIR/demo).")  # fmt: skip
+@pass_context
+def demo(obj: _Context, input_dir: Path | None, out: Path | None) -> None:
+    """Run the sample study end to end through what bac-node has today.
+
+    Today that is: read every instance of the sample study, apply the display
+    transform, measure the breast and BAC areas from the phantom's ground truth,
+    grade each side and the study, and write summary.json and a contact sheet. The
+    node (C-STORE in, U-Net, SEG + SR back) replaces the ground truth with the model
+    as those parts land.
+    """
+    tune_allocator()
+    from bac_node.demo import run_demo
+
+    out = out or obj.settings.data_dir / "demo"
+    summary = run_demo(input_dir, out, SAMPLE_RECIPE)
+    click.echo(summary.table())
+    click.echo(f"results: {out}")
+
+
+def _run(fn: Callable[[], Any]) -> int:
+    try:
+        fn()
+    except BacNodeError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point."""
+    try:
+        cli.main(args=argv, prog_name="bac-node", standalone_mode=False)
+    except BacNodeError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        return 1
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        return 130
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return int(exc.exit_code or 0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
