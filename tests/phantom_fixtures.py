@@ -16,9 +16,9 @@ import shutil
 import numpy as np
 import pytest
 from numpy.typing import NDArray
-from pydicom.uid import generate_uid
 from scipy import ndimage
 
+from bac_node.dicom.uids import derived_uid
 from training.phantom.anatomy import sample_patient
 from training.phantom.dicom_writer import InstanceMeta
 from training.phantom.distractors import METAL_ATTENUATION
@@ -140,9 +140,9 @@ def phantom_meta(
         patient_id=f"PHANTOM-{number:04d}",
         patient_birth_date="19660101",
         patient_age="058Y",
-        study_instance_uid=generate_uid(entropy_srcs=[f"study-{number}"]),
-        series_instance_uid=generate_uid(entropy_srcs=[f"series-{key}"]),
-        sop_instance_uid=generate_uid(entropy_srcs=[f"instance-{key}"]),
+        study_instance_uid=derived_uid("test-study", number),
+        series_instance_uid=derived_uid("test-series", key),
+        sop_instance_uid=derived_uid("test-instance", key),
         study_date="20240102",
         study_time="101500",
         accession_number=f"PHA{number:05d}",

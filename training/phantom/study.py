@@ -25,9 +25,10 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 
 from bac_node import __version__
+from bac_node.dicom.uids import derived_uid
 from bac_node.grading import GRADE_BANDS, BACGrade, Burden, study_grade
 from training.phantom.anatomy import PatientAnatomy, sample_patient
 from training.phantom.dicom_writer import InstanceMeta, write_mg_instance
@@ -122,8 +123,7 @@ class StudyPlan:
 
     def uid(self, *parts: object) -> str:
         """A deterministic ``2.25.`` UID for this study and ``parts``."""
-        sources = ["bac-node-phantom", str(self.master_seed), str(self.index), *map(str, parts)]
-        return str(generate_uid(prefix=None, entropy_srcs=sources))
+        return derived_uid("bac-node-phantom", self.master_seed, self.index, *parts)
 
 
 def _side_targets(grade: int, rng: np.random.Generator) -> dict[str, float]:
@@ -430,3 +430,18 @@ def iter_plan_rows(plans: Sequence[StudyPlan]) -> Iterator[dict[str, Any]]:
             "patient_id": p.patient_id,
             **{f"target_{k}": v for k, v in p.side_targets.items()},
         }
+
+
+def ground_truth_summary(plan: StudyPlan, scale: float) -> dict[str, Any]:
+    """Render a plan's masks (no DICOM) and summarise its realised burden and grade."""
+    rendered = render_study(plan, scale=scale)
+    sides = {lat: rendered.side_burden(lat) for lat in LATERALITIES}
+    return {
+        "index": plan.index,
+        "patient_id": plan.patient_id,
+        "split": plan.split,
+        "vendor": plan.vendor,
+        "planned_grade": plan.planned_grade,
+        "study_grade": rendered.grade,
+        **{f"side_{lat}_percent": sides[lat].area_percent for lat in LATERALITIES},
+    }
