@@ -10,17 +10,14 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
 from bac_node import __version__
-from bac_node.config import Settings, load_settings, setting_help
+from bac_node.config import Settings, Source, load_settings, setting_help
 from bac_node.errors import BacNodeError, ConfigError
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 #: glibc keeps large tensors mapped instead of unmapping them after every use: 2-3x
 #: faster large forward passes on CPU (measured; see README "Performance").
@@ -55,8 +52,16 @@ def tune_allocator() -> None:
 
 
 class _Context:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        sources: dict[str, Source],
+        cli_values: dict[str, Any],
+    ) -> None:
         self.settings = settings
+        self.sources = sources
+        # The group's setting flags, so that `settings --config` can re-resolve with them.
+        self.cli_values = cli_values
 
 
 pass_context = click.make_pass_decorator(_Context)
@@ -87,18 +92,16 @@ def cli(
 
     Research use only. Not for clinical use.
     """
+    cli_values: dict[str, Any] = {"data_dir": data_dir, "log_level": log_level, "device": device}
     try:
-        settings, _ = load_settings(
-            config_file=config_file,
-            cli={"data_dir": data_dir, "log_level": log_level, "device": device},
-        )
+        settings, sources = load_settings(config_file=config_file, cli=cli_values)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    ctx.obj = _Context(settings)
+    ctx.obj = _Context(settings, sources, cli_values)
 
 
 @cli.command("settings")
@@ -107,8 +110,11 @@ def cli(
 @pass_context
 def settings_command(obj: _Context, config_file: Path | None, as_json: bool) -> None:
     """Show every setting, its value and where the value came from."""
-    settings, sources = load_settings(config_file=config_file)
-    settings = obj.settings if config_file is None else settings
+    # The group already resolved everything (its --config and flags included); only a
+    # --config given here, after the command name, means resolving again.
+    settings, sources = obj.settings, obj.sources
+    if config_file is not None:
+        settings, sources = load_settings(config_file=config_file, cli=obj.cli_values)
     values = {name: str(getattr(settings, name)) for name in sources}
     if as_json:
         click.echo(
@@ -233,15 +239,6 @@ def demo(obj: _Context, input_dir: Path | None, out: Path | None) -> None:
     summary = run_demo(input_dir, out, SAMPLE_RECIPE)
     click.echo(summary.table())
     click.echo(f"results: {out}")
-
-
-def _run(fn: Callable[[], Any]) -> int:
-    try:
-        fn()
-    except BacNodeError as exc:
-        click.echo(f"Error: {exc}", err=True)
-        return 1
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,9 +50,11 @@ class Settings:
             )
         if not 0 < self.port < 65536:
             raise ConfigError(f"port must be between 1 and 65535, not {self.port}")
-        if not 0 < len(self.ae_title) <= 16 or "\\" in self.ae_title:
+        # DICOM PS3.5 AE: spaces are not significant, so an all-space title is empty.
+        if not 0 < len(self.ae_title) <= 16 or "\\" in self.ae_title or not self.ae_title.strip():
             raise ConfigError(
-                f"ae_title must be 1-16 characters without a backslash, not {self.ae_title!r}"
+                "ae_title must be 1-16 characters, not all spaces, without a backslash, "
+                f"not {self.ae_title!r}"
             )
         if self.device not in {"auto", "cpu", "cuda"}:
             raise ConfigError(f"device must be auto, cpu or cuda, not {self.device!r}")
@@ -85,7 +87,8 @@ def _coerce(name: str, value: Any, origin: str) -> Any:
             raise ValueError(value)
         if issubclass(kind, Path):
             return Path(str(value)).expanduser()
-        if kind is int and isinstance(value, bool):
+        # int(True) and int(12.5) would succeed silently; a TOML bool or float is a typo.
+        if kind is int and isinstance(value, bool | float):
             raise ValueError(value)
         return kind(value)  # type: ignore[call-arg]
     except (TypeError, ValueError):
@@ -114,6 +117,10 @@ def load_settings(
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"{path}: configuration file not found") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read configuration file ({exc.strerror})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: configuration file is not UTF-8 text") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML ({exc})") from None
         unknown = sorted(set(data) - set(names))

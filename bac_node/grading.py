@@ -30,7 +30,8 @@ MILD_FROM_PERCENT = 0.2
 MODERATE_FROM_PERCENT = 1.0
 SEVERE_ABOVE_PERCENT = 2.5
 
-#: Inclusive-exclusive area % band of each grade, as used to plan phantoms.
+#: Area % band ``[low, high)`` of each grade, as used to plan phantoms (2.5 % itself is
+#: moderate, see :func:`grade_from_area_percent`; planning keeps away from the edges).
 GRADE_BANDS: dict[BACGrade, tuple[float, float]] = {
     BACGrade.ABSENT: (0.0, MILD_FROM_PERCENT),
     BACGrade.MILD: (MILD_FROM_PERCENT, MODERATE_FROM_PERCENT),
@@ -41,7 +42,8 @@ GRADE_BANDS: dict[BACGrade, tuple[float, float]] = {
 
 def grade_from_area_percent(area_percent: float) -> BACGrade:
     """The BAC grade of an area percentage (see the module docstring for the edges)."""
-    if area_percent < 0:
+    # Written as "not >= 0" so that NaN is refused too (every comparison with NaN is false).
+    if not area_percent >= 0:
         raise ValueError(f"area_percent must be >= 0, got {area_percent}")
     if area_percent < MILD_FROM_PERCENT:
         return BACGrade.ABSENT
