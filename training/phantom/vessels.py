@@ -63,13 +63,12 @@ def _physical(points: NDArray[np.float64], patient: PatientAnatomy) -> NDArray[n
     return np.asarray(points * scale, dtype=np.float64)
 
 
-def _inside_both_views(p: NDArray[np.float64], margin: float = 0.93) -> bool:
+def _inside_both_views(u: float, v: float, w: float, margin: float = 0.93) -> bool:
     """Inside the breast as both the CC and a 45° MLO projection see it.
 
     A compressed breast is no ball: a point only has to project inside the outline of
     each view (two elliptic cylinders), which lets arteries run the whole breast length.
     """
-    u, v, w = float(p[0]), float(p[1]), float(p[2])
     s = (w + v) * math.sqrt(0.5)
     return u * u + v * v < margin * margin and u * u + s * s < margin * margin and abs(w) < 1.0
 
@@ -84,25 +83,35 @@ def _walk(
     max_steps: int,
     u_end: float,
 ) -> NDArray[np.float64]:
-    """A smooth random walk with momentum toward ``target`` inside the half ball."""
+    """A smooth random walk with momentum toward ``target`` inside the breast.
+
+    Plain floats, not numpy 3-vectors: a study walks thousands of short steps.
+    """
     step = 0.008
-    pts = [start.copy()]
-    p = start.copy()
-    d = direction / np.linalg.norm(direction)
-    curl = np.zeros(3)
     tort = patient.tortuosity
-    for _ in range(max_steps):
-        to_target = target - p
-        to_target /= max(1e-9, float(np.linalg.norm(to_target)))
-        # Smooth (AR(1)) curvature: older arteries wander and coil more.
-        curl = 0.85 * curl + rng.normal(0.0, 0.35 + 1.2 * tort, 3) * 0.15
-        d = d + 0.06 * (to_target - d) + curl * 0.12
-        d /= np.linalg.norm(d)
-        p = p + step * d
-        if p[0] < 0.0 or p[0] > u_end or not _inside_both_views(p):
+    # Smooth (AR(1)) curvature: older arteries wander and coil more.
+    kicks = rng.normal(0.0, (0.35 + 1.2 * tort) * 0.15, (max_steps, 3)).tolist()
+    px, py, pz = (float(c) for c in start)
+    tx, ty, tz = (float(c) for c in target)
+    dx, dy, dz = (float(c) for c in direction)
+    n = math.sqrt(dx * dx + dy * dy + dz * dz) or 1.0
+    dx, dy, dz = dx / n, dy / n, dz / n
+    cx = cy = cz = 0.0
+    pts = [(px, py, pz)]
+    for kx, ky, kz in kicks:
+        ax, ay, az = tx - px, ty - py, tz - pz
+        n = math.sqrt(ax * ax + ay * ay + az * az) or 1e-9
+        cx, cy, cz = 0.85 * cx + kx, 0.85 * cy + ky, 0.85 * cz + kz
+        dx += 0.06 * (ax / n - dx) + 0.12 * cx
+        dy += 0.06 * (ay / n - dy) + 0.12 * cy
+        dz += 0.06 * (az / n - dz) + 0.12 * cz
+        n = math.sqrt(dx * dx + dy * dy + dz * dz) or 1.0
+        dx, dy, dz = dx / n, dy / n, dz / n
+        px, py, pz = px + step * dx, py + step * dy, pz + step * dz
+        if px < 0.0 or px > u_end or not _inside_both_views(px, py, pz):
             break
-        pts.append(p.copy())
-    return np.array(pts)
+        pts.append((px, py, pz))
+    return np.array(pts, dtype=np.float64)
 
 
 def _calcify(
