@@ -31,6 +31,7 @@ from numpy.typing import NDArray
 from scipy import ndimage
 from scipy.special import ndtri
 
+from training.phantom.raster import resize
 from training.phantom.types import PhantomView, PresentationIntent
 
 VendorName = Literal["Fuji", "Siemens", "Sectra", "Hologic", "Konica", "Agfa", "Philips"]
@@ -490,15 +491,6 @@ def _nearest_sample(image: NDArray[np.generic], shape: tuple[int, int]) -> NDArr
     return np.asarray(image[np.ix_(r, c)], dtype=np.float32)
 
 
-def _upsample(low: NDArray[np.float32], shape: tuple[int, int]) -> NDArray[np.float32]:
-    """Bilinear upsampling of a low-resolution field to ``shape`` (a new float32 array)."""
-    if low.shape == shape:
-        return low.copy()
-    src = torch.from_numpy(np.ascontiguousarray(low))[None, None]
-    out = F.interpolate(src, size=shape, mode="bilinear", align_corners=False)
-    return out[0, 0].numpy()
-
-
 class _LowResolution:
     """A view's attenuation, thickness and breast mask on the filtering grid."""
 
@@ -589,7 +581,7 @@ def _presentation_pixels(
     # Full-res processed = (1+k)·(attenuation + noise) + [low-frequency terms]; the +0.5
     # makes the final float→int cast round to nearest.
     offset_low = a * ((-(1 + k)) * scatter_loss - k * blurred + equalise) + b + 0.5
-    index = _upsample(offset_low.astype(np.float32), shape)
+    index = resize(offset_low.astype(np.float32), shape)
     index_t = torch.from_numpy(index)
     att_t = torch.from_numpy(np.ascontiguousarray(view.attenuation, dtype=np.float32))
     gain = a * (1 + k)
@@ -619,7 +611,7 @@ def _processing_pixels(
 
     signal = np.negative(view.attenuation, dtype=np.float32)
     np.exp(signal, out=signal)  # primary signal, 1 in air
-    detected = _upsample(scatter_low.astype(np.float32), shape)
+    detected = resize(scatter_low.astype(np.float32), shape)
     detected_t = torch.from_numpy(detected)
     detected_t.add_(torch.from_numpy(signal))
     # Quantum noise: variance proportional to the signal.
