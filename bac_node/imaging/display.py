@@ -58,17 +58,19 @@ def _window_output_range(ds: pydicom.Dataset) -> tuple[float, float]:
     return min(lo, hi), max(lo, hi)
 
 
-def _display_table(ds: pydicom.Dataset, stored: NDArray[np.int64]) -> NDArray[np.float32]:
+def _display_table(
+    ds: pydicom.Dataset, stored: NDArray[np.int64], voi: bool = True
+) -> NDArray[np.float32]:
     """Displayed value in [0, 1] of each stored value in ``stored`` (1-D)."""
     values = np.asarray(apply_modality_lut(stored, ds))
-    if _has_voi_lut_sequence(ds):
+    if voi and _has_voi_lut_sequence(ds):
         bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
         if not np.issubdtype(values.dtype, np.integer):
             # The VOI LUT indexes integers; a rescale's output is integral in practice.
             values = np.rint(values).astype(np.int64)
         out = apply_voi_lut(values, ds, index=0, prefer_lut=True).astype(np.float64)
         lo, hi = 0.0, float(2**bits - 1)
-    elif _has_window(ds):
+    elif voi and _has_window(ds):
         out = apply_voi_lut(values.astype(np.float64), ds, index=0, prefer_lut=False)
         lo, hi = _window_output_range(ds)
     else:
@@ -81,8 +83,11 @@ def _display_table(ds: pydicom.Dataset, stored: NDArray[np.int64]) -> NDArray[np
     return scaled.astype(np.float32)
 
 
-def presentation_pixels(ds: pydicom.Dataset) -> NDArray[np.float32]:
+def presentation_pixels(ds: pydicom.Dataset, *, voi: bool = True) -> NDArray[np.float32]:
     """The image as shown on screen: float32 in [0, 1], 1 = brightest.
+
+    ``voi=False`` skips the VOI and spreads the image's whole value range instead: no
+    value is clipped, which is what finding the faint skin edge needs.
 
     Applies the Modality LUT or rescale, then the first VOI (VOI LUT Sequence item, else
     Window Center/Width with VOI LUT Function LINEAR, LINEAR_EXACT or SIGMOID), then
@@ -105,11 +110,11 @@ def presentation_pixels(ds: pydicom.Dataset) -> NDArray[np.float32]:
         raise ValueError("TransferSyntaxUID (0002,0010) is missing; cannot decode PixelData")
     stored = ds.pixel_array
     if not np.issubdtype(stored.dtype, np.integer):
-        return _display_table(ds, stored.ravel()).reshape(stored.shape)
+        return _display_table(ds, stored.ravel(), voi).reshape(stored.shape)
     # Every transform acts value by value: tabulate it over the stored values once and
     # index, far faster than transforming millions of pixels in float64.
     first, last = int(stored.min()), int(stored.max())
-    table = _display_table(ds, np.arange(first, last + 1, dtype=np.int64))
+    table = _display_table(ds, np.arange(first, last + 1, dtype=np.int64), voi)
     index = stored if first == 0 else stored.astype(np.int64) - first
     shown: NDArray[np.float32] = table[index]
     return shown
