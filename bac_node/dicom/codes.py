@@ -46,3 +46,28 @@ LEFT_BREAST = Code("80248007", SCT, "Left breast")
 MODIFIER_SPOT_COMPRESSION = Code("399055006", SCT, "spot compression")
 MODIFIER_MAGNIFICATION = Code("399163009", SCT, "magnification")
 MODIFIER_IMPLANT_DISPLACED = Code("399124002", SCT, "implant displaced")
+
+# Laterality qualifiers (SNOMED CT, CID 244) that some vendors put in the view or
+# anatomic region sequences instead of (or besides) Image Laterality.
+RIGHT = Code("24028007", SCT, "Right")
+LEFT = Code("7771000", SCT, "Left")
+
+#: The laterality ("R"/"L") each laterality-bearing code value stands for.
+LATERALITY_BY_CODE_VALUE: dict[str, str] = {
+    RIGHT.value: "R",
+    LEFT.value: "L",
+    RIGHT_BREAST.value: "R",
+    LEFT_BREAST.value: "L",
+}
+
+#: ViewPosition abbreviation of each view code value, SNOMED CT and the SNOMED RT
+#: values (scheme SRT/SNM3) that older modalities still send (CID 4014).
+VIEW_POSITION_BY_CODE_VALUE: dict[str, str] = {
+    **{code.value: position for position, code in VIEW_CODES_BY_POSITION.items()},
+    "R-10242": "CC",
+    "R-10226": "MLO",
+    "R-10224": "ML",
+    "R-10228": "LM",
+    "R-1024A": "XCCL",
+    "R-1024B": "XCCM",
+}
