@@ -1,0 +1,375 @@
+"""The study's TID 1500 Measurement Report: how much BAC, which grade, and the flag.
+
+Shaped for OHIF v3 (``viewing.md``): one TID 1410 planar ROI group per analysed image
+whose region is a closed 5-point POLYLINE around the breast on that image (OHIF draws
+it as a rectangle and lists the group's numbers), with every value a NUM item, the
+grade and the Grade 3 flag too, besides their coded evaluations (OHIF drops coded
+values). Per-side and study summaries are TID 1501 groups without an image region
+(OHIF ignores them; other SR readers show them). The root's "Qualitative Evaluations"
+container holds the "research use only" text and one text per input not analysed.
+
+The BAC area NUM of each image names its SEG as "Source of Measurement" (segment 1),
+so a reader can go from the number to the pixels it counts.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from numpy.typing import NDArray
+from pydicom.sr.codedict import codes
+from pydicom.uid import ExplicitVRLittleEndian
+
+from bac_node.dicom.uids import derived_uid
+from bac_node.grading import BACGrade, Burden, cardiovascular_flag
+from bac_node.outputs import concepts
+from bac_node.outputs.seg import MANUFACTURER, set_content_datetime
+
+SR_SERIES_DESCRIPTION = "BAC report - research use only, not for clinical use"
+RESEARCH_USE_TEXT = "Research use only. Not for clinical use."
+
+
+def breast_roi(breast_mask: NDArray[np.bool_]) -> NDArray[np.float64]:
+    """Closed 5-point polyline (column, row) around the breast's bounding box.
+
+    Points are pixel edges (PS3.3 C.18.6.1.1: (0, 0) is the top-left corner of the
+    top-left pixel), so the box encloses every breast pixel. An empty mask gives the
+    whole image.
+    """
+    mask = np.asarray(breast_mask, dtype=bool)
+    rows, cols = np.nonzero(mask)
+    if rows.size == 0:
+        top, left, bottom, right = 0.0, 0.0, float(mask.shape[0]), float(mask.shape[1])
+    else:
+        top, left = float(rows.min()), float(cols.min())
+        bottom, right = float(rows.max() + 1), float(cols.max() + 1)
+    return np.array(
+        [[left, top], [right, top], [right, bottom], [left, bottom], [left, top]],
+        dtype=np.float64,
+    )
+
+
+@dataclass(frozen=True)
+class ImageMeasurement:
+    """The BAC burden of one analysed MG image, with its SEG and region of interest.
+
+    ``roi`` is a closed 5-point polyline (column, row) in the image's pixel coordinates
+    (see :func:`breast_roi`); ``pixel_spacing_mm`` is (row, column) spacing.
+    """
+
+    source: pydicom.Dataset
+    laterality: str
+    view: str
+    bac_pixels: int
+    breast_pixels: int
+    pixel_spacing_mm: tuple[float, float]
+    roi: NDArray[np.float64]
+    segmentation: pydicom.Dataset
+
+    def __post_init__(self) -> None:
+        concepts.breast_of(self.laterality)  # raises for anything but R/L
+        roi = np.asarray(self.roi, dtype=np.float64)
+        if roi.shape != (5, 2) or not np.array_equal(roi[0], roi[-1]):
+            raise ValueError(
+                f"roi must be a closed polyline of 5 (column, row) points, got {roi.tolist()}"
+            )
+
+    @property
+    def burden(self) -> Burden:
+        return Burden(self.bac_pixels, self.breast_pixels)
+
+    @property
+    def pixel_area_mm2(self) -> float:
+        return self.pixel_spacing_mm[0] * self.pixel_spacing_mm[1]
+
+    @property
+    def bac_area_mm2(self) -> float:
+        return self.bac_pixels * self.pixel_area_mm2
+
+    @property
+    def breast_area_mm2(self) -> float:
+        return self.breast_pixels * self.pixel_area_mm2
+
+    @property
+    def area_percent(self) -> float:
+        return self.burden.area_percent
+
+    @property
+    def grade(self) -> BACGrade:
+        return self.burden.grade
+
+    @property
+    def cardiovascular_flag(self) -> bool:
+        return cardiovascular_flag(self.grade)
+
+
+@dataclass(frozen=True)
+class SideMeasurement:
+    """The pooled BAC burden of one breast (its CC and MLO views)."""
+
+    laterality: str
+    bac_area_mm2: float
+    breast_area_mm2: float
+    area_percent: float
+    grade: BACGrade
+
+    def __post_init__(self) -> None:
+        concepts.breast_of(self.laterality)
+
+    @property
+    def cardiovascular_flag(self) -> bool:
+        return cardiovascular_flag(self.grade)
+
+
+@dataclass(frozen=True)
+class StudySummary:
+    """The study's grade: the grade of the higher-burden side."""
+
+    grade: BACGrade
+
+    @property
+    def cardiovascular_flag(self) -> bool:
+        return cardiovascular_flag(self.grade)
+
+
+def private_coding_scheme() -> pydicom.Dataset:
+    """Coding Scheme Identification item (PS3.3 C.12.1.1.2) declaring ``99BACNODE``."""
+    item = pydicom.Dataset()
+    item.CodingSchemeDesignator = concepts.PRIVATE
+    item.CodingSchemeName = concepts.PRIVATE_SCHEME_NAME
+    item.CodingSchemeResponsibleOrganization = concepts.PRIVATE_SCHEME_ORGANIZATION
+    return item
+
+
+def sr_uids(source_sop_instance_uids: Sequence[str], model_version: str) -> tuple[str, str]:
+    """(Series Instance UID, SOP Instance UID) of the report on these source images."""
+    parts = sorted(source_sop_instance_uids)
+    return (
+        derived_uid(*parts, model_version, "sr", "series"),
+        derived_uid(*parts, model_version, "sr", "instance"),
+    )
+
+
+def _num(
+    name: concepts.Code,
+    value: float,
+    unit: concepts.Code,
+    *,
+    finding_sites: Sequence[hd.sr.FindingSite] | None = None,
+    referenced_images: Sequence[hd.sr.SourceImageForMeasurement] | None = None,
+) -> hd.sr.Measurement:
+    return hd.sr.Measurement(
+        name=concepts.coded(name),
+        value=float(value),
+        unit=concepts.coded(unit),
+        finding_sites=finding_sites,
+        referenced_images=referenced_images,
+    )
+
+
+def _grade_items(
+    grade: BACGrade, flag: bool
+) -> tuple[list[hd.sr.Measurement], list[hd.sr.QualitativeEvaluation]]:
+    numbers = [
+        _num(concepts.BAC_GRADE_NUMBER, int(grade), concepts.UNIT_GRADE),
+        _num(concepts.CARDIOVASCULAR_RISK_FLAG_NUMBER, int(flag), concepts.UNIT_NONE),
+    ]
+    evaluations = [
+        hd.sr.QualitativeEvaluation(
+            concepts.coded(concepts.BAC_GRADE_SEVERITY), concepts.coded(concepts.GRADE_CODES[grade])
+        ),
+        hd.sr.QualitativeEvaluation(
+            concepts.coded(concepts.CARDIOVASCULAR_RISK_FLAG),
+            concepts.coded(concepts.YES if flag else concepts.NO),
+        ),
+    ]
+    return numbers, evaluations
+
+
+def _source_of_measurement(segmentation: pydicom.Dataset) -> hd.sr.SourceImageForMeasurement:
+    """'Source of Measurement' naming segment 1 of ``segmentation``."""
+    item = hd.sr.SourceImageForMeasurement(
+        referenced_sop_class_uid=segmentation.SOPClassUID,
+        referenced_sop_instance_uid=segmentation.SOPInstanceUID,
+    )
+    # PS3.3 C.17.3 (Image Reference): a reference to a SEG names the segments it means.
+    item.ReferencedSOPSequence[0].ReferencedSegmentNumber = 1
+    return item
+
+
+def _image_group(
+    image: ImageMeasurement, algorithm: hd.sr.AlgorithmIdentification, model_version: str
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    source = image.source
+    site = hd.sr.FindingSite(concepts.coded(concepts.breast_of(image.laterality)))
+    numbers, evaluations = _grade_items(image.grade, image.cardiovascular_flag)
+    measurements = [
+        _num(
+            concepts.BAC_AREA,
+            image.bac_area_mm2,
+            concepts.UNIT_MM2,
+            referenced_images=[_source_of_measurement(image.segmentation)],
+        ),
+        _num(concepts.AREA, image.breast_area_mm2, concepts.UNIT_MM2, finding_sites=[site]),
+        _num(concepts.BAC_AREA_PERCENT, image.area_percent, concepts.UNIT_PERCENT),
+        *numbers,
+    ]
+    region = hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=np.asarray(image.roi, dtype=np.float64),
+        source_image=hd.sr.SourceImageForRegion(
+            referenced_sop_class_uid=source.SOPClassUID,
+            referenced_sop_instance_uid=source.SOPInstanceUID,
+        ),
+    )
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=derived_uid(source.SOPInstanceUID, model_version, "sr", "roi"),
+            identifier=f"BAC {image.laterality} {image.view}",
+        ),
+        referenced_region=region,
+        finding_type=concepts.coded(concepts.VASCULAR_CALCIFICATION),
+        algorithm_id=algorithm,
+        finding_sites=[site],
+        measurements=measurements,
+        qualitative_evaluations=evaluations,
+    )
+
+
+def _side_group(
+    side: SideMeasurement,
+    algorithm: hd.sr.AlgorithmIdentification,
+    uid_parts: Sequence[str],
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    site = hd.sr.FindingSite(concepts.coded(concepts.breast_of(side.laterality)))
+    numbers, evaluations = _grade_items(side.grade, side.cardiovascular_flag)
+    name = "right" if side.laterality == "R" else "left"
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=derived_uid(*uid_parts, "sr", "side", side.laterality),
+            identifier=f"BAC {name} breast",
+        ),
+        finding_type=concepts.coded(concepts.VASCULAR_CALCIFICATION),
+        algorithm_id=algorithm,
+        finding_sites=[site],
+        measurements=[
+            _num(concepts.BAC_AREA, side.bac_area_mm2, concepts.UNIT_MM2),
+            _num(concepts.AREA, side.breast_area_mm2, concepts.UNIT_MM2, finding_sites=[site]),
+            _num(concepts.BAC_AREA_PERCENT, side.area_percent, concepts.UNIT_PERCENT),
+            *numbers,
+        ],
+        qualitative_evaluations=evaluations,
+    )
+
+
+def _study_group(
+    summary: StudySummary,
+    algorithm: hd.sr.AlgorithmIdentification,
+    uid_parts: Sequence[str],
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    numbers, evaluations = _grade_items(summary.grade, summary.cardiovascular_flag)
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=derived_uid(*uid_parts, "sr", "study"), identifier="BAC study"
+        ),
+        finding_type=concepts.coded(concepts.VASCULAR_CALCIFICATION),
+        algorithm_id=algorithm,
+        finding_sites=[hd.sr.FindingSite(concepts.coded(concepts.BREAST))],
+        measurements=numbers,
+        qualitative_evaluations=evaluations,
+    )
+
+
+def _qualitative_evaluations(not_analysed: Sequence[tuple[str, str]]) -> hd.sr.ContainerContentItem:
+    """TID 1500's root "Qualitative Evaluations" container: the disclaimer and omissions."""
+    container = hd.sr.ContainerContentItem(
+        name=concepts.coded(concepts.QUALITATIVE_EVALUATIONS),
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    texts = [(concepts.RESEARCH_USE_ONLY, RESEARCH_USE_TEXT)]
+    texts += [(concepts.NOT_ANALYSED, f"{what}: {why}") for what, why in not_analysed]
+    container.ContentSequence = hd.sr.ContentSequence(
+        [
+            hd.sr.TextContentItem(
+                name=concepts.coded(name),
+                value=value,
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+            for name, value in texts
+        ]
+    )
+    return container
+
+
+def build_measurement_report(
+    images: Sequence[ImageMeasurement],
+    sides: Sequence[SideMeasurement],
+    summary: StudySummary,
+    not_analysed: Sequence[tuple[str, str]],
+    *,
+    model_name: str,
+    model_version: str,
+    series_number: int = 9002,
+    content_datetime: dt.datetime | None = None,
+) -> hd.sr.ComprehensiveSR:
+    """The study's TID 1500 Measurement Report (Comprehensive SR).
+
+    ``images`` are the analysed images (at least one), each with its SEG;
+    ``not_analysed`` lists (SOP Instance UID or file, reason) for inputs left out.
+    ``content_datetime`` stamps the content, series and instance-creation date/time
+    (default: now); pass a fixed value for byte-identical re-runs. UIDs depend only on
+    the source SOP Instance UIDs and ``model_version``.
+    """
+    if not images:
+        raise ValueError("a measurement report needs at least one analysed image")
+    sources = [image.source for image in images]
+    source_uids = [str(source.SOPInstanceUID) for source in sources]
+    if len({str(s.StudyInstanceUID) for s in sources}) != 1:
+        raise ValueError("all analysed images must belong to one study")
+    uid_parts = [*sorted(source_uids), model_version]
+    algorithm = hd.sr.AlgorithmIdentification(
+        name=model_name, version=model_version, manufacturer=MANUFACTURER
+    )
+    device = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=derived_uid("bac-node device", model_name, model_version),
+            name=MANUFACTURER,
+            manufacturer_name=MANUFACTURER,
+            model_name=model_name,
+        ),
+    )
+    groups: list[
+        hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+        | hd.sr.MeasurementsAndQualitativeEvaluations
+    ] = [_image_group(image, algorithm, model_version) for image in images]
+    groups += [_side_group(side, algorithm, uid_parts) for side in sides]
+    groups.append(_study_group(summary, algorithm, uid_parts))
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=device),
+        procedure_reported=concepts.coded(concepts.SCREENING_MAMMOGRAPHY),
+        imaging_measurements=groups,
+        referenced_images=sources,
+    )
+    report[0].ContentSequence.append(_qualitative_evaluations(not_analysed))
+    series_uid, sop_uid = sr_uids(source_uids, model_version)
+    sr = hd.sr.ComprehensiveSR(
+        evidence=[*sources, *(image.segmentation for image in images)],
+        content=report[0],
+        series_instance_uid=series_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_uid,
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        series_description=SR_SERIES_DESCRIPTION,
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+    )
+    sr.CodingSchemeIdentificationSequence = [private_coding_scheme()]
+    set_content_datetime(sr, content_datetime or dt.datetime.now())
+    return sr
