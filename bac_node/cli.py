@@ -101,6 +101,8 @@ def cli(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # highdicom narrates every attribute it copies at INFO; keep its warnings only.
+    logging.getLogger("highdicom").setLevel(max(logging.WARNING, logging.root.level))
     ctx.obj = _Context(settings, sources, cli_values)
 
 
@@ -239,6 +241,87 @@ def demo(obj: _Context, input_dir: Path | None, out: Path | None) -> None:
     summary = run_demo(input_dir, out, SAMPLE_RECIPE)
     click.echo(summary.table())
     click.echo(f"results: {out}")
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Results go to OUT/<StudyInstanceUID>/: a SEG per image, sr.dcm, summary.json.",
+)
+@click.option(
+    "--model",
+    "model_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="A bac-node .safetensors model (default: the one shipped in the package).",
+)
+@click.option(
+    "--device",
+    "device_option",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    help="Where the model runs (default: the `device` setting).",
+)
+@pass_context
+def analyze(
+    obj: _Context,
+    paths: tuple[Path, ...],
+    out: Path,
+    model_path: Path | None,
+    device_option: str | None,
+) -> None:
+    """Analyse the MG studies in PATHS (files or folders) and write SEG, SR and JSON.
+
+    Exits non-zero when a study (or every input) could not be analysed, with the reason.
+    Research use only. Not for clinical use.
+    """
+    tune_allocator()
+    from tqdm import tqdm
+
+    from bac_node.analysis import CanvasModel, describe, measure_study
+    from bac_node.dicom.selection import read_paths, select_studies
+    from bac_node.model.inference import load_predictor
+    from bac_node.results import build_results, write_results
+
+    device = device_option or obj.settings.device
+    predictor, card, untrained = load_predictor(
+        str(model_path) if model_path else None, device=device
+    )
+    if untrained:
+        click.echo(
+            "Warning: no trained weights are installed; using the untrained fixed-seed model "
+            f"{card.name} {card.version}: its BAC results mean nothing.",
+            err=True,
+        )
+    images, rejected = read_paths(paths)
+    selections = select_studies(images, rejected)
+    if not selections:
+        reasons = "; ".join(f"{f}: {r}" for f, r in rejected[:5]) or "no DICOM file found"
+        raise BacNodeError(f"no analysable MG image in {', '.join(map(str, paths))} ({reasons})")
+    model = CanvasModel(card.input_spacing_mm, card.threshold)
+    results = []
+    failures: list[str] = []
+    for selection in tqdm(selections, desc="analyze", unit="study", disable=None):
+        try:
+            result = measure_study(selection, predictor, model)
+            if not result.images:
+                reasons = "; ".join(f"{s}: {r}" for s, r in result.not_analysed)
+                raise BacNodeError(f"no image could be analysed ({reasons})")
+            write_results(build_results(result, card), out)
+            results.append(result)
+        except BacNodeError as exc:
+            failures.append(f"study {selection.study_instance_uid}: {exc}")
+    if results:
+        click.echo(describe(results))
+        for result in results:
+            for source, reason in result.not_analysed:
+                click.echo(f"not analysed in {result.study_instance_uid}: {source}: {reason}")
+    for failure in failures:
+        click.echo(f"Error: {failure}", err=True)
+    if failures:
+        raise click.exceptions.Exit(1)
 
 
 def main(argv: list[str] | None = None) -> int:

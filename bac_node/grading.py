@@ -70,23 +70,60 @@ def bac_area_percent(bac_pixels: int, breast_pixels: int) -> float:
 
 @dataclass(frozen=True)
 class Burden:
-    """Pooled BAC burden of some images (one side, or one image)."""
+    """BAC burden of some images (one image, one side): pixel counts and, when the
+    pixel spacing is known, physical areas.
+
+    The area % is computed from the physical areas when every part has them (so views
+    of different spacing pool correctly) and from the pixel counts otherwise.
+    """
 
     bac_pixels: int
     breast_pixels: int
+    bac_mm2: float = 0.0
+    """BAC area in mm² (0 with ``breast_mm2`` 0 when the spacing is unknown)."""
+    breast_mm2: float = 0.0
+
+    @staticmethod
+    def measured(
+        bac_pixels: int, breast_pixels: int, pixel_spacing_mm: tuple[float, float]
+    ) -> Burden:
+        """The burden of one image whose pixels are ``(row, column)`` mm apart."""
+        pixel_area = float(pixel_spacing_mm[0]) * float(pixel_spacing_mm[1])
+        if not pixel_area > 0:
+            raise ValueError(f"pixel spacing must be > 0, got {pixel_spacing_mm}")
+        return Burden(
+            bac_pixels, breast_pixels, bac_pixels * pixel_area, breast_pixels * pixel_area
+        )
+
+    @property
+    def has_physical_area(self) -> bool:
+        return self.breast_mm2 > 0 or self.breast_pixels == 0
 
     @property
     def area_percent(self) -> float:
+        if self.breast_mm2 > 0:
+            return 100.0 * self.bac_mm2 / self.breast_mm2
         return bac_area_percent(self.bac_pixels, self.breast_pixels)
 
     @property
     def grade(self) -> BACGrade:
         return grade_from_area_percent(self.area_percent)
 
+    @property
+    def cardiovascular_flag(self) -> bool:
+        return cardiovascular_flag(self.grade)
+
     @staticmethod
     def pooled(parts: Iterable[Burden]) -> Burden:
+        """The burden of several images together (sums, never an average of %)."""
         parts = list(parts)
-        return Burden(sum(p.bac_pixels for p in parts), sum(p.breast_pixels for p in parts))
+        physical = all(p.has_physical_area for p in parts)
+        return Burden(
+            sum(p.bac_pixels for p in parts),
+            sum(p.breast_pixels for p in parts),
+            sum(p.bac_mm2 for p in parts) if physical else 0.0,
+            sum(p.breast_mm2 for p in parts) if physical else 0.0,
+        )
 
 
 def study_grade(sides: Iterable[Burden]) -> BACGrade:

@@ -445,3 +445,25 @@ def ground_truth_summary(plan: StudyPlan, scale: float) -> dict[str, Any]:
         "study_grade": rendered.grade,
         **{f"side_{lat}_percent": sides[lat].area_percent for lat in LATERALITIES},
     }
+
+
+def _single_threaded() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def ground_truth_summaries(
+    plans: Sequence[StudyPlan], scale: float, *, workers: int = 2
+) -> list[dict[str, Any]]:
+    """:func:`ground_truth_summary` of every plan, in worker processes.
+
+    Workers are spawned, not forked: a fork after torch has started its thread pool
+    can deadlock in the child (seen here: a CI run hung with an idle worker).
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_single_threaded) as pool:
+        return list(pool.map(ground_truth_summary, plans, [scale] * len(plans), chunksize=20))
