@@ -88,8 +88,8 @@ class StudyResult:
 
 
 def _geometry(image: MGImage, breast: NDArray[np.bool_]) -> tuple[SourceGeometry, bool]:
-    side = chest_wall_side(breast)
     expected = expected_chest_wall_side(image.laterality)
+    side = chest_wall_side(breast) or expected
     corrected = side != expected
     if corrected:
         log.warning(

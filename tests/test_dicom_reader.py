@@ -29,11 +29,11 @@ from bac_node.dicom.codes import (
 from bac_node.dicom.reader import (
     DX_FOR_PRESENTATION,
     MGImage,
-    chest_wall_edge,
     pixel_array,
     read_instance,
 )
 from bac_node.errors import InvalidInstanceError, UnsupportedTransferSyntaxError
+from bac_node.imaging.breast import breast_mask, chest_wall_side
 from bac_node.imaging.display import presentation_pixels
 from training.phantom.study import plan_studies, render_study, write_study
 from training.phantom.vendors import VENDORS
@@ -163,7 +163,8 @@ def test_mirrored_image_laterality_follows_patient_orientation(
     ds = _without_laterality(pydicom.dcmread(out / row["file"]))
     mirrored = np.ascontiguousarray(ds.pixel_array[:, ::-1])
     ds.PixelData = mirrored.astype("<u2").tobytes()
-    assert chest_wall_edge(presentation_pixels(ds)) == "left"
+    shown = presentation_pixels(ds, voi=False)
+    assert chest_wall_side(breast_mask(shown, float(ds.ImagerPixelSpacing[0]))) == "left"
     ds.PatientOrientation = ["A", "L"]
     assert read_instance(ds).laterality == "R"
     del ds.PatientOrientation  # without it, the storage convention is all there is

@@ -26,7 +26,8 @@ Laterality, in DESIGN.md's order: Image Laterality (0020,0062); else Laterality
 (0020,0060); else Frame Laterality (0020,9072) in the shared (then first per-frame)
 functional groups; else a laterality code (Right/Left, Right/Left breast) in View Code
 Sequence, its modifiers, or Anatomic Region Sequence and its modifiers; else the image
-content (see :func:`chest_wall_edge`). ``laterality_source`` names which one decided.
+content (the edge the breast mask touches, :mod:`bac_node.imaging.breast`).
+``laterality_source`` names which one decided.
 
 Every error is an :class:`~bac_node.errors.InvalidInstanceError` whose one-line message
 names the file (or the SOP Instance UID when there is no file) and never the patient.
@@ -39,7 +40,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pydicom
 from numpy.typing import NDArray
 from pydicom.dataset import Dataset
@@ -58,6 +58,7 @@ from bac_node.dicom.codes import (
     VIEW_POSITION_BY_CODE_VALUE,
 )
 from bac_node.errors import InvalidInstanceError, UnsupportedTransferSyntaxError
+from bac_node.imaging.breast import breast_mask, chest_wall_side
 from bac_node.imaging.display import presentation_pixels
 
 MG_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
@@ -81,14 +82,7 @@ _MODIFIER_BY_VALUE = {
     for c in (MODIFIER_SPOT_COMPRESSION, MODIFIER_MAGNIFICATION, MODIFIER_IMPLANT_DISPLACED)
 }
 
-#: Fraction of the image width, at each side edge, looked at to find the chest wall.
-_EDGE_BAND = (0.01, 0.05)
-#: A row's edge band is "brighter" than the other's by at least this much of the
-#: display range; the chest wall edge must be brighter along this much more of its
-#: length than the other edge for the image content to decide the laterality.
-_EDGE_CONTRAST = 0.05
 _UNDEFINED_LENGTH = 0xFFFFFFFF
-_EDGE_MARGIN = 0.15
 
 
 @dataclass(frozen=True)
@@ -180,29 +174,6 @@ def pixel_array(image: MGImage) -> NDArray[Any]:
             f"but Rows x Columns is {image.rows}x{image.columns}",
         )
     return array
-
-
-def chest_wall_edge(shown: NDArray[np.floating[Any]]) -> str | None:
-    """Which side edge ("left"/"right") the breast touches, from a presentation image.
-
-    The breast is cut by the image border along the chest wall; the opposite border is
-    air, which labels and markers touch only briefly. Compares, row by row, a band a
-    few percent of the width in from each side edge (the outermost columns can hold
-    collimator or paddle edges): the chest wall edge is clearly brighter along much
-    more of its length. None when the two edges are too alike to tell.
-    """
-    height, width = shown.shape
-    if height < 8 or width < 8:
-        return None
-    start = max(1, int(width * _EDGE_BAND[0]))
-    stop = max(start + 2, int(width * _EDGE_BAND[1]))
-    left = shown[:, start:stop].astype(np.float64).mean(axis=1)
-    right = shown[:, width - stop : width - start].astype(np.float64).mean(axis=1)
-    right_brighter = float((right - left > _EDGE_CONTRAST).mean())
-    left_brighter = float((left - right > _EDGE_CONTRAST).mean())
-    if abs(right_brighter - left_brighter) < _EDGE_MARGIN:
-        return None
-    return "right" if right_brighter > left_brighter else "left"
 
 
 # --- loading -------------------------------------------------------------------------
@@ -518,7 +489,10 @@ def _laterality_from_content(
     agree with the chest wall the pixels show.
     """
     try:
-        edge = chest_wall_edge(presentation_pixels(ds))
+        spacing = _pixel_spacing(ds, name)[0]
+        edge = chest_wall_side(breast_mask(presentation_pixels(ds, voi=False), spacing))
+    except InvalidInstanceError:
+        raise
     except Exception as exc:
         raise InvalidInstanceError(
             name, _scrub(f"laterality is not in the header and {_one_line(exc)}", ds)

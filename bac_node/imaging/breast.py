@@ -118,11 +118,15 @@ def _upsample_mask(
     return np.asarray(big[: shape[0], : shape[1]])
 
 
-def chest_wall_side(mask: NDArray[np.bool_]) -> ChestWallSide:
-    """The image edge the breast is attached to: the side column with more breast."""
+def chest_wall_side(mask: NDArray[np.bool_]) -> ChestWallSide | None:
+    """The image edge the breast is attached to: the side edge with more breast along
+    it (the chest wall cuts the breast; the other edge is air). None when neither edge
+    touches breast or both touch it alike."""
     left = int(np.count_nonzero(mask[:, :2]))
     right = int(np.count_nonzero(mask[:, -2:]))
-    return "left" if left >= right else "right"
+    if left == right:
+        return None
+    return "left" if left > right else "right"
 
 
 def expected_chest_wall_side(laterality: str) -> ChestWallSide:
