@@ -128,3 +128,34 @@ def test_oracle_seg_frames_equal_the_truth(tmp_path: Path) -> None:
         assert back.number_of_segments == 1
         frame = np.asarray(back.pixel_array).reshape(back.Rows, back.Columns) > 0
         assert np.array_equal(frame, truth[image.image.sop_instance_uid][0])
+
+
+def test_mirrored_image_is_corrected_and_mapped_back(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An image stored mirrored (chest wall on the wrong edge for its laterality) is
+    turned the right way for the model, logged, and mapped back to its own pixels."""
+    import pydicom
+
+    plan = plan_studies(1, seed=73, vendor="Siemens", grades={2: 1.0}, processing_fraction=0.0)[0]
+    rows = write_study(render_study(plan, scale=0.06), tmp_path)
+    row = next(r for r in rows if r["laterality"] == "L" and r["view"] == "CC")
+    path = tmp_path / str(row["file"])
+    ds = pydicom.dcmread(path)
+    ds.PixelData = np.ascontiguousarray(ds.pixel_array[:, ::-1]).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    images, _ = read_paths([tmp_path])
+    (selection,) = select_studies(images)
+    truth: Truth = {
+        str(r["sop_instance_uid"]): (load_mask(tmp_path / str(r["bac_mask"])), r) for r in rows
+    }
+    mirrored_uid = str(row["sop_instance_uid"])
+    truth[mirrored_uid] = (truth[mirrored_uid][0][:, ::-1].copy(), row)
+    spacing = selection.pairs[0].right.pixel_spacing_mm[0]
+    with caplog.at_level("WARNING"):
+        result = _run_oracle(selection, truth, spacing)
+    assert any("orientation corrected" in m and mirrored_uid in m for m in caplog.messages)
+    image = next(i for i in result.images if i.image.sop_instance_uid == mirrored_uid)
+    assert image.orientation_corrected
+    assert image.chest_wall == "right"
+    assert np.array_equal(image.bac_mask, truth[mirrored_uid][0])
