@@ -67,10 +67,7 @@ def build_results(
                 segmentation=seg,
             )
         )
-    sides = [
-        SideMeasurement(lat, b.bac_mm2, b.breast_mm2, b.area_percent, b.grade)
-        for lat, b in result.sides.items()
-    ]
+    sides = [SideMeasurement(lat, burden) for lat, burden in result.sides.items()]
     report = build_measurement_report(
         measurements, sides, StudySummary(result.grade), result.not_analysed,
         model_name=card.name, model_version=card.version, content_datetime=when,

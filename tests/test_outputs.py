@@ -120,16 +120,7 @@ def build_report(
     sides = []
     for laterality in ("R", "L"):
         views = [m for m in measured if m.laterality == laterality]
-        pooled = Burden.pooled(m.burden for m in views)
-        sides.append(
-            SideMeasurement(
-                laterality=laterality,
-                bac_area_mm2=sum(m.bac_area_mm2 for m in views),
-                breast_area_mm2=sum(m.breast_area_mm2 for m in views),
-                area_percent=pooled.area_percent,
-                grade=pooled.grade,
-            )
-        )
+        sides.append(SideMeasurement(laterality, Burden.pooled(m.burden for m in views)))
     summary = StudySummary(max(side.grade for side in sides))
     sr = build_measurement_report(
         measured,

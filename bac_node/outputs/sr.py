@@ -81,19 +81,15 @@ class ImageMeasurement:
 
     @property
     def burden(self) -> Burden:
-        return Burden(self.bac_pixels, self.breast_pixels)
-
-    @property
-    def pixel_area_mm2(self) -> float:
-        return self.pixel_spacing_mm[0] * self.pixel_spacing_mm[1]
+        return Burden.measured(self.bac_pixels, self.breast_pixels, self.pixel_spacing_mm)
 
     @property
     def bac_area_mm2(self) -> float:
-        return self.bac_pixels * self.pixel_area_mm2
+        return self.burden.bac_mm2
 
     @property
     def breast_area_mm2(self) -> float:
-        return self.breast_pixels * self.pixel_area_mm2
+        return self.burden.breast_mm2
 
     @property
     def area_percent(self) -> float:
@@ -110,16 +106,30 @@ class ImageMeasurement:
 
 @dataclass(frozen=True)
 class SideMeasurement:
-    """The pooled BAC burden of one breast (its CC and MLO views)."""
+    """The pooled BAC burden of one breast (its CC and MLO views), e.g.
+    ``SideMeasurement("R", Burden.pooled(image.burden for image in right_views))``."""
 
     laterality: str
-    bac_area_mm2: float
-    breast_area_mm2: float
-    area_percent: float
-    grade: BACGrade
+    burden: Burden
 
     def __post_init__(self) -> None:
         concepts.breast_of(self.laterality)
+
+    @property
+    def bac_area_mm2(self) -> float:
+        return self.burden.bac_mm2
+
+    @property
+    def breast_area_mm2(self) -> float:
+        return self.burden.breast_mm2
+
+    @property
+    def area_percent(self) -> float:
+        return self.burden.area_percent
+
+    @property
+    def grade(self) -> BACGrade:
+        return self.burden.grade
 
     @property
     def cardiovascular_flag(self) -> bool:
