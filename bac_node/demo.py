@@ -16,16 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pydicom
 
+from bac_node.dicom.reader import read_instance
 from bac_node.errors import InvalidInstanceError, StudyError
 from bac_node.grading import Burden, cardiovascular_flag, study_grade
 from bac_node.imaging.display import presentation_pixels
 
 log = logging.getLogger(__name__)
-
-#: SOP Class UIDs of Digital Mammography X-Ray Image Storage (presentation, processing).
-MG_SOP_CLASSES = {"1.2.840.10008.5.1.4.1.1.1.2", "1.2.840.10008.5.1.4.1.1.1.2.1"}
 
 
 @dataclass
@@ -137,13 +134,8 @@ def run_demo(input_dir: Path | None, out: Path, recipe: Mapping[str, Any]) -> De
     summary = DemoSummary(study_instance_uid=str(rows[0]["study_instance_uid"]), source=source)
     for row in rows:
         path = source_dir / row["file"]
-        try:
-            ds = pydicom.dcmread(path)
-        except (OSError, pydicom.errors.InvalidDicomError) as exc:
-            raise InvalidInstanceError(path, f"not readable as DICOM ({exc})") from None
-        if ds.get("SOPClassUID") not in MG_SOP_CLASSES or ds.get("Modality") != "MG":
-            raise InvalidInstanceError(path, "not a Digital Mammography X-Ray image (MG)")
-        shown = presentation_pixels(ds)
+        image = read_instance(path)  # the analysis's own validation
+        shown = presentation_pixels(image.dataset)
         breast = load_mask(source_dir / row["breast_mask"])
         bac = load_mask(source_dir / row["bac_mask"])
         if breast.shape != shown.shape:
@@ -156,18 +148,18 @@ def run_demo(input_dir: Path | None, out: Path, recipe: Mapping[str, Any]) -> De
         )
         summary.images.append(
             ImageResult(
-                sop_instance_uid=str(ds.SOPInstanceUID),
-                laterality=str(ds.ImageLaterality),
-                view=str(ds.ViewPosition),
-                intent=str(ds.PresentationIntentType),
-                rows=int(ds.Rows),
-                columns=int(ds.Columns),
+                sop_instance_uid=image.sop_instance_uid,
+                laterality=image.laterality,
+                view=image.view,
+                intent=image.presentation_intent,
+                rows=image.rows,
+                columns=image.columns,
                 breast_pixels=int(np.count_nonzero(breast)),
                 bac_pixels=int(np.count_nonzero(bac & breast)),
                 breast_brighter_than_background=brighter,
             )
         )
-        log.info("read %s (%s %s)", ds.SOPInstanceUID, ds.ImageLaterality, ds.ViewPosition)
+        log.info("read %s (%s)", image.sop_instance_uid, image.label)
     summary.seconds = time.perf_counter() - start
     (out / "summary.json").write_text(json.dumps(summary.to_json(), indent=1), encoding="utf-8")
     study_contact_sheet(source_dir, rows, out / "contact_sheet.png", panel_height=500)
