@@ -90,3 +90,26 @@ def test_lone_image_keeps_its_half() -> None:
     layout = bilateral_layout(None, left, 0.5)
     (placement,) = layout.placements
     assert placement.col0 == layout.shape[1] // 2
+
+
+def test_breast_mask_leaves_out_paddle_edges_and_labels(tmp_path: Path) -> None:
+    from training.phantom.anatomy import sample_patient
+    from training.phantom.render import render_side
+    from training.phantom.vendors import render_pixels, vendor_by_name
+
+    rng = np.random.default_rng(21)
+    patient = sample_patient(rng)
+    style = vendor_by_name("Siemens")
+    views = render_side(patient, "R", style.geometry(0.1), 1.0, rng, distractor_rate=5.0)
+    lines = 0
+    for view in views.values():
+        outside = ~view.breast_mask & (view.attenuation > 0.2)
+        lines += int(np.any(outside.all(axis=1)))  # a paddle edge spans the width
+        stored = render_pixels(view, style, "FOR PRESENTATION", rng)
+        shown = stored.pixels.astype(np.float32) / float(2**stored.bits_stored - 1)
+        mask = breast_mask(shown, view.pixel_spacing_mm)
+        truth = view.breast_mask
+        dice = 2 * np.count_nonzero(mask & truth) / (mask.sum() + truth.sum())
+        assert dice > 0.99, dice
+        assert not (mask & outside).any()
+    assert lines >= 1  # the rate made sure at least one view has a paddle edge

@@ -210,3 +210,34 @@ def add_labels(
             attenuation[out] = METAL_ATTENUATION
             break
     return out
+
+
+def add_paddle_edge(
+    attenuation: FloatArray,
+    breast_mask: NDArray[np.bool_],
+    spacing_mm: float,
+    rng: np.random.Generator,
+    *,
+    rate: float = 1.0,
+) -> NDArray[np.bool_]:
+    """The edge of the compression paddle or collimator: a thin line across the image.
+
+    Drawn (with probability ``0.2 * rate``) in the background near the top or bottom
+    border, where it crosses no breast; never part of the breast mask. Returns its mask.
+    """
+    rows = attenuation.shape[0]
+    out = np.zeros_like(breast_mask)
+    if rng.random() >= 0.2 * rate:
+        return out
+    thickness = max(1, round(rng.uniform(0.5, 1.5) / spacing_mm))
+    clearance = max(1, round(3.0 / spacing_mm))
+    has_breast: NDArray[np.bool_] = np.asarray(breast_mask.any(axis=1))
+    band = max(thickness + 1, int(0.15 * rows))
+    top = bool(rng.random() < 0.5)
+    for start in range(band) if top else range(rows - band, rows - thickness):
+        lo, hi = max(0, start - clearance), min(rows, start + thickness + clearance)
+        if not has_breast[lo:hi].any() and rng.random() < 0.2:
+            out[start : start + thickness, :] = True
+            attenuation[out] = np.float32(rng.uniform(0.3, 0.8))
+            break
+    return out

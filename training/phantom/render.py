@@ -24,6 +24,7 @@ from training.phantom.distractors import (
     CalcificationDistractors,
     add_labels,
     add_lymph_nodes,
+    add_paddle_edge,
     skin_calcifications,
 )
 from training.phantom.raster import FloatArray, gaussian_blur, resize, splat_disks
@@ -132,7 +133,9 @@ class _ViewCanvas:
         splat_disks(self.bac_cover, stamps.cy, stamps.cx, stamps.radius, 1.0)
         splat_disks(self.fine, stamps.cy, stamps.cx, stamps.radius, stamps.amplitude)
 
-    def finish(self, laterality: Laterality, rng: np.random.Generator) -> PhantomView:
+    def finish(
+        self, laterality: Laterality, rng: np.random.Generator, distractor_rate: float = 1.0
+    ) -> PhantomView:
         g = self.geometry
         # Round vessels: soften the flat-topped disks into a rounded profile.
         vessels = gaussian_blur(self.coarse_vessels, 0.35 / self.grid_mm)
@@ -144,6 +147,7 @@ class _ViewCanvas:
         attenuation += self.fine
         attenuation *= self.breast
         add_labels(attenuation, self.breast, laterality, g.view, g.spacing_mm, rng)
+        add_paddle_edge(attenuation, self.breast, g.spacing_mm, rng, rate=distractor_rate)
         return PhantomView(
             laterality=laterality,
             view=g.view,
@@ -223,5 +227,5 @@ def render_side(
         splat_disks(canvas.fine, others.cy, others.cx, others.radius, others.amplitude)
         skin = skin_calcifications(canvas.tissue.breast_sdf_mm, canvas.grid_mm, spacing, rng)
         splat_disks(canvas.fine, skin.cy, skin.cx, skin.radius, skin.amplitude)
-        views[view] = canvas.finish(laterality, rng)
+        views[view] = canvas.finish(laterality, rng, distractor_rate)
     return views
