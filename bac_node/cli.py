@@ -324,6 +324,34 @@ def analyze(
         raise click.exceptions.Exit(1)
 
 
+@cli.command()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    required=True,
+    help="A training config (training/configs/*.toml).",
+)
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Run directory: data, cache, checkpoints, logs and the exported models.",
+)
+def train(config_path: Path, out: Path) -> None:
+    """Train the U-Net: baseline, then entropy-selected pseudo-labelling rounds.
+
+    Resumes an interrupted run in the same --out. Writes baseline.safetensors and
+    final.safetensors (weights and model card), log.csv and log.json.
+    """
+    tune_allocator()
+    from training.train import train as run_training
+
+    final = run_training(config_path, out)
+    click.echo(f"model: {final}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point."""
     try:

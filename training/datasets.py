@@ -229,16 +229,18 @@ class PatchDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
             for i, r in enumerate(self.records)
             for y, x in patch_origins(r.shape, size, overlap)
         ]
-        self._last: tuple[int, NDArray[np.float32], NDArray[np.float32]] | None = None
+        # Canvases stay in memory once read (float16 image, uint8 mask): shuffled patches
+        # would otherwise decompress a whole canvas per patch.
+        self._canvases: dict[int, tuple[NDArray[np.float16], NDArray[np.uint8]]] = {}
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def _canvas(self, index: int) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
-        if self._last is None or self._last[0] != index:
-            image, bac = load_canvas(self.cache, self.records[index])
-            self._last = (index, image, bac)
-        return self._last[1], self._last[2]
+    def _canvas(self, index: int) -> tuple[NDArray[np.float16], NDArray[np.uint8]]:
+        if index not in self._canvases:
+            with np.load(self.cache / self.records[index].path) as data:
+                self._canvases[index] = (data["image"], data["bac"])
+        return self._canvases[index]
 
     def __getitem__(self, item: int) -> tuple[torch.Tensor, torch.Tensor]:
         index, y, x = self.items[item]
