@@ -121,7 +121,7 @@ def build_report(
     for laterality in ("R", "L"):
         views = [m for m in measured if m.laterality == laterality]
         sides.append(SideMeasurement(laterality, Burden.pooled(m.burden for m in views)))
-    summary = StudySummary(max(side.grade for side in sides))
+    summary = StudySummary(max(side.burden.grade for side in sides))
     sr = build_measurement_report(
         measured,
         sides,
@@ -316,8 +316,8 @@ def test_sr_reads_back_with_values_units_grades_and_references(
         (percent_item,) = summary_group.get_measurements(
             name=concepts.coded(concepts.BAC_AREA_PERCENT)
         )
-        assert float(percent_item.value) == pytest.approx(side.area_percent)
-    study_grade = max(side.grade for side in sides)
+        assert float(percent_item.value) == pytest.approx(side.burden.area_percent)
+    study_grade = max(side.burden.grade for side in sides)
     (study_grade_item,) = summaries[2].get_measurements(
         name=concepts.coded(concepts.BAC_GRADE_NUMBER)
     )
@@ -431,9 +431,9 @@ def test_dcmjs_reads_the_sr_measurement_groups(
         }
         numbers = {n["name"]: (n["value"], n["unit"]) for n in group["numbers"]}
         assert numbers[concepts.BAC_AREA_PERCENT.meaning] == (
-            pytest.approx(expected.area_percent),
+            pytest.approx(expected.burden.area_percent),
             "%",
         )
-        assert numbers[concepts.BAC_GRADE_NUMBER.meaning] == (int(expected.grade), "{grade}")
+        assert numbers[concepts.BAC_GRADE_NUMBER.meaning] == (int(expected.burden.grade), "{grade}")
     assert RESEARCH_USE_TEXT in loaded["texts"]  # type: ignore[operator]
     assert loaded["seriesDescription"] == SR_SERIES_DESCRIPTION

@@ -83,26 +83,6 @@ class ImageMeasurement:
     def burden(self) -> Burden:
         return Burden.measured(self.bac_pixels, self.breast_pixels, self.pixel_spacing_mm)
 
-    @property
-    def bac_area_mm2(self) -> float:
-        return self.burden.bac_mm2
-
-    @property
-    def breast_area_mm2(self) -> float:
-        return self.burden.breast_mm2
-
-    @property
-    def area_percent(self) -> float:
-        return self.burden.area_percent
-
-    @property
-    def grade(self) -> BACGrade:
-        return self.burden.grade
-
-    @property
-    def cardiovascular_flag(self) -> bool:
-        return cardiovascular_flag(self.grade)
-
 
 @dataclass(frozen=True)
 class SideMeasurement:
@@ -114,26 +94,6 @@ class SideMeasurement:
 
     def __post_init__(self) -> None:
         concepts.breast_of(self.laterality)
-
-    @property
-    def bac_area_mm2(self) -> float:
-        return self.burden.bac_mm2
-
-    @property
-    def breast_area_mm2(self) -> float:
-        return self.burden.breast_mm2
-
-    @property
-    def area_percent(self) -> float:
-        return self.burden.area_percent
-
-    @property
-    def grade(self) -> BACGrade:
-        return self.burden.grade
-
-    @property
-    def cardiovascular_flag(self) -> bool:
-        return cardiovascular_flag(self.grade)
 
 
 @dataclass(frozen=True)
@@ -212,23 +172,32 @@ def _source_of_measurement(segmentation: pydicom.Dataset) -> hd.sr.SourceImageFo
     return item
 
 
+def _burden_items(
+    burden: Burden,
+    site: hd.sr.FindingSite,
+    bac_references: Sequence[hd.sr.SourceImageForMeasurement] | None = None,
+) -> tuple[list[hd.sr.Measurement], list[hd.sr.QualitativeEvaluation]]:
+    """BAC mm², breast mm², BAC %, grade and flag (NUM, and the coded evaluations)."""
+    numbers, evaluations = _grade_items(burden.grade, burden.cardiovascular_flag)
+    measurements = [
+        _num(
+            concepts.BAC_AREA, burden.bac_mm2, concepts.UNIT_MM2, referenced_images=bac_references
+        ),
+        _num(concepts.AREA, burden.breast_mm2, concepts.UNIT_MM2, finding_sites=[site]),
+        _num(concepts.BAC_AREA_PERCENT, burden.area_percent, concepts.UNIT_PERCENT),
+        *numbers,
+    ]
+    return measurements, evaluations
+
+
 def _image_group(
     image: ImageMeasurement, algorithm: hd.sr.AlgorithmIdentification, model_version: str
 ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
     source = image.source
     site = hd.sr.FindingSite(concepts.coded(concepts.breast_of(image.laterality)))
-    numbers, evaluations = _grade_items(image.grade, image.cardiovascular_flag)
-    measurements = [
-        _num(
-            concepts.BAC_AREA,
-            image.bac_area_mm2,
-            concepts.UNIT_MM2,
-            referenced_images=[_source_of_measurement(image.segmentation)],
-        ),
-        _num(concepts.AREA, image.breast_area_mm2, concepts.UNIT_MM2, finding_sites=[site]),
-        _num(concepts.BAC_AREA_PERCENT, image.area_percent, concepts.UNIT_PERCENT),
-        *numbers,
-    ]
+    measurements, evaluations = _burden_items(
+        image.burden, site, [_source_of_measurement(image.segmentation)]
+    )
     region = hd.sr.ImageRegion(
         graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
         graphic_data=np.asarray(image.roi, dtype=np.float64),
@@ -257,7 +226,7 @@ def _side_group(
     uid_parts: Sequence[str],
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     site = hd.sr.FindingSite(concepts.coded(concepts.breast_of(side.laterality)))
-    numbers, evaluations = _grade_items(side.grade, side.cardiovascular_flag)
+    measurements, evaluations = _burden_items(side.burden, site)
     name = "right" if side.laterality == "R" else "left"
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
@@ -267,12 +236,7 @@ def _side_group(
         finding_type=concepts.coded(concepts.VASCULAR_CALCIFICATION),
         algorithm_id=algorithm,
         finding_sites=[site],
-        measurements=[
-            _num(concepts.BAC_AREA, side.bac_area_mm2, concepts.UNIT_MM2),
-            _num(concepts.AREA, side.breast_area_mm2, concepts.UNIT_MM2, finding_sites=[site]),
-            _num(concepts.BAC_AREA_PERCENT, side.area_percent, concepts.UNIT_PERCENT),
-            *numbers,
-        ],
+        measurements=measurements,
         qualitative_evaluations=evaluations,
     )
 
