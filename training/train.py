@@ -79,6 +79,24 @@ class TrainConfig:
     version: str = "0.1.0"
 
 
+#: Optional config keys: (TOML table, key, TrainConfig field, type). Absent keys keep
+#: TrainConfig's defaults, so each default is written once, in the dataclass.
+_OPTIONAL: tuple[tuple[str, str, str, type], ...] = (
+    ("data", "patch_size", "patch_size", int),
+    ("data", "patch_overlap", "patch_overlap", int),
+    ("train", "batch_size", "batch_size", int),
+    ("train", "learning_rate", "learning_rate", float),
+    ("train", "patience", "patience", int),
+    ("train", "workers", "workers", int),
+    ("pseudo", "keep_fraction", "keep_fraction", float),
+    ("pseudo", "min_bac_fraction", "min_bac_fraction", float),
+    ("", "seed", "seed", int),
+    ("", "device", "device", str),
+    ("", "name", "name", str),
+    ("", "version", "version", str),
+)
+
+
 def load_config(path: Path) -> TrainConfig:
     """A training config from TOML (see training/configs/)."""
     try:
@@ -86,31 +104,21 @@ def load_config(path: Path) -> TrainConfig:
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read the training config ({exc})") from None
     try:
-        data, train, pseudo, model = doc["data"], doc["train"], doc["pseudo"], doc["model"]
+        data, train, pseudo = doc["data"], doc["train"], doc["pseudo"]
+        optional: dict[str, Any] = {}
+        for table, key, name, kind in _OPTIONAL:
+            section = doc.get(table, {}) if table else doc
+            if key in section:
+                optional[name] = kind(section[key])
         return TrainConfig(
             labelled=DataSource(**data["labelled"]),
             unlabelled=DataSource(**data["unlabelled"]),
             spacing_mm=float(data["spacing_mm"]),
-            patch_size=int(data.get("patch_size", 512)),
-            patch_overlap=int(data.get("patch_overlap", 386)),
-            model=ModelConfig(
-                encoder=str(model.get("encoder", "mobilenet_v2")),
-                encoder_depth=int(model.get("encoder_depth", 5)),
-                decoder_channels=tuple(model.get("decoder_channels", (256, 128, 64, 32, 16))),
-            ),
-            batch_size=int(train.get("batch_size", 4)),
-            learning_rate=float(train.get("learning_rate", 1e-3)),
+            model=ModelConfig.from_dict({**ModelConfig().to_dict(), **doc.get("model", {})}),
             baseline_epochs=int(train["epochs"]),
-            patience=int(train.get("patience", 5)),
             rounds=int(pseudo["rounds"]),
             round_epochs=int(pseudo["epochs"]),
-            keep_fraction=float(pseudo.get("keep_fraction", 0.03)),
-            min_bac_fraction=float(pseudo.get("min_bac_fraction", 0.007)),
-            seed=int(doc.get("seed", 0)),
-            device=str(doc.get("device", "auto")),
-            workers=int(train.get("workers", 0)),
-            name=str(doc.get("name", "bac-node-unet")),
-            version=str(doc.get("version", "0.1.0")),
+            **optional,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"{path}: training config is incomplete or wrong ({exc})") from None
@@ -146,9 +154,12 @@ class Counts:
     """Pooled pixel counts at several thresholds."""
 
     thresholds: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7)
-    tp: np.ndarray = field(default_factory=lambda: np.zeros(5))
-    fp: np.ndarray = field(default_factory=lambda: np.zeros(5))
-    fn: np.ndarray = field(default_factory=lambda: np.zeros(5))
+    tp: np.ndarray = field(init=False)
+    fp: np.ndarray = field(init=False)
+    fn: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.tp, self.fp, self.fn = (np.zeros(len(self.thresholds)) for _ in range(3))
 
     def add(self, prob: torch.Tensor, target: torch.Tensor) -> None:
         t = target > 0.5
@@ -163,6 +174,10 @@ class Counts:
 
     def dice(self) -> np.ndarray:
         return np.asarray(2 * self.tp / np.maximum(2 * self.tp + self.fp + self.fn, 1))
+
+    def at(self, values: np.ndarray, threshold: float = 0.5) -> float:
+        """One of ``jaccard()``/``dice()`` at ``threshold`` (one of ``thresholds``)."""
+        return float(values[self.thresholds.index(threshold)])
 
 
 def _evaluate(
@@ -278,8 +293,8 @@ class Trainer:
             self.log.append(
                 {
                     "stage": stage, "epoch": epoch + 1, "train_loss": total / max(batches, 1),
-                    "val_loss": val_loss, "val_jaccard": float(counts.jaccard()[2]),
-                    "val_dice": float(counts.dice()[2]), "seconds": seconds,
+                    "val_loss": val_loss, "val_jaccard": counts.at(counts.jaccard()),
+                    "val_dice": counts.at(counts.dice()), "seconds": seconds,
                     "train_patches": len(train),
                 }
             )  # fmt: skip
@@ -345,7 +360,7 @@ class Trainer:
                                          self.device, True)  # fmt: skip
             self.log.append(
                 {"stage": f"round{round_number}", "epoch": 0, "kept": kept,
-                 "val_loss": val_loss, "val_jaccard": float(counts.jaccard()[2]),
+                 "val_loss": val_loss, "val_jaccard": counts.at(counts.jaccard()),
                  "seconds": time.perf_counter() - started}
             )  # fmt: skip
             self._write_log()
