@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from bac_node import __version__
-from bac_node.config import Settings, Source, load_settings, setting_help
+from bac_node.config import Settings, Source, load_settings, setting_help, shown
 from bac_node.errors import BacNodeError, ConfigError
 
 #: glibc keeps large tensors mapped instead of unmapping them after every use: 2-3x
@@ -117,7 +117,7 @@ def settings_command(obj: _Context, config_file: Path | None, as_json: bool) -> 
     settings, sources = obj.settings, obj.sources
     if config_file is not None:
         settings, sources = load_settings(config_file=config_file, cli=obj.cli_values)
-    values = {name: str(getattr(settings, name)) for name in sources}
+    values = {name: shown(getattr(settings, name)) for name in sources}
     if as_json:
         click.echo(
             json.dumps({n: {"value": v, "source": sources[n]} for n, v in values.items()}, indent=1)

@@ -42,6 +42,44 @@ class Settings:
     log_level: str = _setting("INFO", "Logging level: DEBUG, INFO, WARNING or ERROR.")
     device: str = _setting("auto", "Where the model runs: auto (CUDA when present), cpu or cuda.")
     seed: int = _setting(0, "Default random seed of `bac-node synth` and the demo.")
+    allowed_peers: tuple[str, ...] = _setting(
+        (),
+        "Calling AE titles allowed to associate (`AE` or `AE@host`); empty: none but the "
+        "destinations' AE titles.",
+    )
+    destinations: tuple[str, ...] = _setting(
+        (), "Where results are sent by C-STORE: `AE@host:port` entries (none: kept on disk)."
+    )
+    max_associations: int = _setting(10, "Most simultaneous DICOM associations accepted.")
+    max_pdu: int = _setting(262144, "Largest P-DATA PDU the node receives, in bytes.")
+    network_timeout: int = _setting(
+        60, "Seconds of silence before a DICOM association is aborted (ACSE, DIMSE, network)."
+    )
+    stable_after: int = _setting(
+        60, "Seconds without a new instance after which an incomplete study is analysed."
+    )
+    lease_seconds: int = _setting(
+        300, "How long a worker's claim on a job lasts without a heartbeat."
+    )
+    export_attempts: int = _setting(
+        8, "Export attempts per destination before a result is dead-lettered."
+    )
+    export_backoff: int = _setting(
+        10, "Seconds before the first export retry; doubled per attempt, with jitter."
+    )
+    export_backoff_cap: int = _setting(600, "Longest wait between export attempts, in seconds.")
+    duplicates: str = _setting(
+        "keep-first", "A SOP instance received again: keep-first (answer Success) or replace."
+    )
+    retention_days: int = _setting(
+        0, "Delete a study's received images this many days after its results (0: never)."
+    )
+    min_free_mb: int = _setting(
+        500, "Refuse new instances (0xA700) while the data directory has less free space (MiB)."
+    )
+    model: str = _setting(
+        "", "Model weights (.safetensors) the worker runs; empty: the shipped default."
+    )
 
     def __post_init__(self) -> None:
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
@@ -58,6 +96,63 @@ class Settings:
             )
         if self.device not in {"auto", "cpu", "cuda"}:
             raise ConfigError(f"device must be auto, cpu or cuda, not {self.device!r}")
+        if self.duplicates not in {"keep-first", "replace"}:
+            raise ConfigError(f"duplicates must be keep-first or replace, not {self.duplicates!r}")
+        for name in (
+            "max_associations", "network_timeout", "lease_seconds", "export_attempts",
+            "export_backoff", "export_backoff_cap",
+        ):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
+        for name in ("stable_after", "retention_days", "min_free_mb"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must not be negative, not {getattr(self, name)}")
+        if not 4096 <= self.max_pdu <= 2**31 - 1:
+            raise ConfigError(f"max_pdu must be 4096 to 2147483647 bytes, not {self.max_pdu}")
+        for peer in self.allowed_peers:
+            parse_peer(peer)
+        for destination in self.destinations:
+            parse_destination(destination)
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A DICOM peer results are sent to."""
+
+    ae_title: str
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+def _check_ae(ae: str, what: str) -> str:
+    if not 0 < len(ae) <= 16 or "\\" in ae or not ae.strip():
+        raise ConfigError(f"{what}: AE title must be 1-16 characters without a backslash")
+    return ae
+
+
+def parse_peer(text: str) -> tuple[str, str | None]:
+    """``AE`` or ``AE@host`` of ``allowed_peers`` as (AE title, host or None)."""
+    ae, _, host = text.partition("@")
+    return _check_ae(ae.strip(), f"allowed_peers entry {text!r}"), (host.strip() or None)
+
+
+def parse_destination(text: str) -> Destination:
+    """``AE@host:port`` of ``destinations``."""
+    ae, at, rest = text.partition("@")
+    host, colon, port = rest.rpartition(":")
+    if not at or not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"destinations entry {text!r} must look like AE@host:port")
+    return Destination(_check_ae(ae.strip(), f"destinations entry {text!r}"), host, int(port))
+
+
+def shown(value: Any) -> str:
+    """A setting's value as `bac-node settings` and the README show it."""
+    if isinstance(value, tuple):
+        value = ",".join(value)
+    return str(value) if str(value) else "(none)"
 
 
 def setting_names() -> list[str]:
@@ -85,6 +180,9 @@ def _coerce(name: str, value: Any, origin: str) -> Any:
             if text in {"0", "false", "no", "off"}:
                 return False
             raise ValueError(value)
+        if kind is tuple:
+            items = value if isinstance(value, list | tuple) else str(value).split(",")
+            return tuple(str(item).strip() for item in items if str(item).strip())
         if issubclass(kind, Path):
             return Path(str(value)).expanduser()
         # int(True) and int(12.5) would succeed silently; a TOML bool or float is a typo.

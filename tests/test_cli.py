@@ -24,7 +24,14 @@ from PIL import Image
 
 from bac_node import __version__
 from bac_node.cli import GLIBC_TUNABLES, SAMPLE_RECIPE
-from bac_node.config import CONFIG_ENV, ENV_PREFIX, Settings, setting_help, setting_names
+from bac_node.config import (
+    CONFIG_ENV,
+    ENV_PREFIX,
+    Settings,
+    setting_help,
+    setting_names,
+    shown,
+)
 from bac_node.grading import BACGrade, cardiovascular_flag
 from training.phantom.vendors import VENDOR_NAMES
 
@@ -472,4 +479,4 @@ def test_readme_settings_table_matches_the_settings() -> None:
     for name, row in table.items():
         assert row["meaning"] == setting_help()[name], name
         assert (ENV_PREFIX + name.upper()) in row["environment"], name
-        assert row["default"].strip("`") == str(getattr(defaults, name)), name
+        assert row["default"].strip("`") == shown(getattr(defaults, name)), name

@@ -14,6 +14,8 @@ from bac_node.config import (
     ENV_PREFIX,
     Settings,
     load_settings,
+    parse_destination,
+    parse_peer,
     setting_help,
     setting_names,
 )
@@ -104,6 +106,7 @@ def test_sources_name_the_layer_of_each_field(tmp_path: Path) -> None:
     settings, sources = load_settings(config_file=config, environ=environ, cli=cli)
 
     assert sources == {
+        **dict.fromkeys(setting_names(), "default"),
         "data_dir": "default",  # None on the command line means "not given"
         "ae_title": "file",
         "port": "cli",
@@ -296,3 +299,32 @@ def test_every_setting_has_help_and_a_default() -> None:
 def test_settings_are_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         Settings().port = 1  # type: ignore[misc]
+
+
+def test_list_settings_from_toml_arrays_and_comma_separated_env(tmp_path: Path) -> None:
+    config = write_toml(tmp_path / "c.toml", 'allowed_peers = ["ORTHANC", "PACS@10.0.0.5"]\n')
+    environ = {env_name("destinations"): "PACS@10.0.0.5:104, ARCH@archive.local:11112"}
+    settings, sources = load_settings(config_file=config, environ=environ)
+    assert settings.allowed_peers == ("ORTHANC", "PACS@10.0.0.5")
+    assert settings.destinations == ("PACS@10.0.0.5:104", "ARCH@archive.local:11112")
+    assert [str(parse_destination(d)) for d in settings.destinations] == list(settings.destinations)
+    assert parse_peer("PACS@10.0.0.5") == ("PACS", "10.0.0.5")
+    assert (sources["allowed_peers"], sources["destinations"]) == ("file", "env")
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("destinations", "PACS@host", "AE@host:port"),
+        ("destinations", "@host:104", "AE title"),
+        ("destinations", "PACS@host:70000", "AE@host:port"),
+        ("allowed_peers", "WAY-TOO-LONG-AE-TITLE", "AE title"),
+        ("duplicates", "keep-last", "keep-first or replace"),
+        ("max_pdu", "100", "max_pdu"),
+        ("lease_seconds", "0", "at least 1"),
+        ("stable_after", "-1", "not be negative"),
+    ],
+)
+def test_node_settings_are_checked(name: str, value: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_settings(environ={env_name(name): value})

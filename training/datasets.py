@@ -54,6 +54,8 @@ class CanvasRecord:
     vendor: str
     shape: tuple[int, int]
     bac_fraction: float
+    grade: int = -1
+    """The study's grade from the manifest (``study_grade``), -1 when absent."""
 
 
 def read_labelled_rows(folder: Path) -> list[dict[str, Any]]:
@@ -82,6 +84,10 @@ def split_of_patient(patient_id: str) -> str:
         if u < edge:
             return split
     return SPLIT_SHARES[-1][0]
+
+
+def _grade(value: Any) -> int:
+    return -1 if value is None or value == "" else int(value)
 
 
 def _pick_intent(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -153,6 +159,7 @@ def build_canvas_cache(
                 vendor=str(first.get("vendor") or "unknown"),
                 shape=shape,
                 bac_fraction=fraction,
+                grade=_grade(first.get("study_grade")),
             )
         )
     index = {"spacing_mm": spacing_mm, "records": [asdict(r) for r in records]}
@@ -235,6 +242,10 @@ class PatchDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def forget(self) -> None:
+        """Drop the canvases read so far (after a pass over a large set)."""
+        self._canvases.clear()
 
     def _canvas(self, index: int) -> tuple[NDArray[np.float16], NDArray[np.uint8]]:
         if index not in self._canvases:

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, TensorDataset
 
+from bac_node import __version__
 from bac_node.errors import ConfigError
 from bac_node.model.factory import ModelConfig, build_model, resolve_device
 from bac_node.model.weights import ModelCard, save_model
@@ -315,7 +316,12 @@ class Trainer:
             self.model.load_state_dict(best_state)
 
     def pseudo_labels(self) -> tuple[TensorDataset, int]:
-        """The lowest-entropy confident unlabelled patches with their predicted masks."""
+        """The lowest-entropy confident unlabelled patches with their predicted masks.
+
+        Patches are predicted in batches; only each patch's entropy, predicted BAC
+        fraction and (for candidates) its binary mask are kept, so memory grows with
+        the candidates, not with the unlabelled set.
+        """
         c = self.config
         dataset = PatchDataset(
             self.cache / "unlabelled", self.unlabelled, size=c.patch_size, overlap=c.patch_overlap
@@ -323,23 +329,28 @@ class Trainer:
         scores: list[tuple[float, int]] = []
         masks: dict[int, torch.Tensor] = {}
         self.model.eval()
+        loader = self._loader(dataset, shuffle=False)
+        index = 0
         with torch.inference_mode():
-            for index in range(len(dataset)):
-                image, _ = dataset[index]  # the unlabelled set's masks are never read
-                prob = torch.sigmoid(self.model(image[None].to(self.device)))[0].cpu()
+            for image, _ in loader:  # the unlabelled set's masks are never read
+                prob = torch.sigmoid(self.model(image.to(self.device))).cpu()
                 p = prob.clamp(_EPS, 1 - _EPS)
-                entropy = float((-(p * p.log() + (1 - p) * (1 - p).log())).mean())
-                fraction = float((prob >= 0.5).float().mean())
-                if fraction > c.min_bac_fraction:
-                    scores.append((entropy, index))
-                    masks[index] = (prob >= 0.5).float()
+                entropy = (-(p * p.log() + (1 - p) * (1 - p).log())).mean(dim=(1, 2, 3))
+                fraction = (prob >= 0.5).float().mean(dim=(1, 2, 3))
+                for k in range(prob.shape[0]):
+                    if float(fraction[k]) > c.min_bac_fraction:
+                        scores.append((float(entropy[k]), index + k))
+                        masks[index + k] = (prob[k] >= 0.5).to(torch.uint8)
+                index += prob.shape[0]
+        dataset.forget()
         keep = max(1, math.ceil(c.keep_fraction * len(dataset))) if scores else 0
-        chosen = [index for _, index in sorted(scores)[:keep]]
+        chosen = [i for _, i in sorted(scores)[:keep]]
         if not chosen:
             empty = torch.zeros((0, 1, c.patch_size, c.patch_size))
             return TensorDataset(empty, empty), 0
         images = torch.stack([dataset[i][0] for i in chosen])
-        labels = torch.stack([masks[i] for i in chosen])
+        labels = torch.stack([masks[i].float() for i in chosen])
+        dataset.forget()
         return TensorDataset(images, labels), len(chosen)
 
     def run(self) -> Path:
@@ -373,6 +384,27 @@ class Trainer:
 
     # --- export and logs -----------------------------------------------------------------
 
+    def _test_metrics(self, best: int) -> dict[str, float]:
+        """Pooled test Jaccard/Dice at the chosen threshold: all, per vendor, per grade."""
+        groups: dict[str, Counts] = {}
+        for record in self.test_records:
+            _, counts = _evaluate(
+                self.model, self._loader(self._patches([record]), shuffle=False),
+                self.device, False,
+            )  # fmt: skip
+            for key in ("", f"_vendor_{record.vendor}", f"_grade_{record.grade}"):
+                total = groups.setdefault(key, Counts())
+                total.tp, total.fp, total.fn = (
+                    total.tp + counts.tp,
+                    total.fp + counts.fp,
+                    total.fn + counts.fn,
+                )
+        metrics: dict[str, float] = {}
+        for key, counts in sorted(groups.items()):
+            metrics[f"test_jaccard{key}"] = float(counts.jaccard()[best])
+            metrics[f"test_dice{key}"] = float(counts.dice()[best])
+        return metrics
+
     def export(self, label: str) -> Path:
         c = self.config
         _, val_counts = _evaluate(
@@ -384,16 +416,14 @@ class Trainer:
             "validation_jaccard": float(val_counts.jaccard()[best]),
             "validation_dice": float(val_counts.dice()[best]),
         }
-        if self.test_records:
-            test = self._patches(self.test_records)
-            _, test_counts = _evaluate(
-                self.model, self._loader(test, shuffle=False), self.device, False
-            )
-            metrics["test_jaccard"] = float(test_counts.jaccard()[best])
-            metrics["test_dice"] = float(test_counts.dice()[best])
+        metrics.update(self._test_metrics(best))
         epochs = [r for r in self.log if r.get("epoch", 0) > 0]
         if epochs:
             metrics["seconds_per_epoch"] = float(np.mean([r["seconds"] for r in epochs]))
+        rounds = [r for r in self.log if r.get("epoch") == 0]
+        if rounds:
+            metrics["seconds_per_round"] = float(np.mean([r["seconds"] for r in rounds]))
+        metrics["training_seconds"] = float(sum(float(r.get("seconds", 0)) for r in self.log))
         card = ModelCard(
             name=c.name,
             version=c.version if label == "final" else f"{c.version}+baseline",
@@ -403,7 +433,8 @@ class Trainer:
             tile_size=max(c.patch_size, c.model.output_stride * 2),
             tile_overlap=min(c.patch_overlap, c.patch_size // 2),
             training_data=(
-                f"bac-node synthetic phantoms: {len(self.records)} labelled canvases, "
+                f"bac-node synthetic phantoms (bac-node synth {__version__}): "
+                f"{len(self.records)} labelled canvases, "
                 f"{len(self.unlabelled)} unlabelled; {label} model "
                 f"({c.rounds} pseudo-label rounds)"
             ),
@@ -416,11 +447,45 @@ class Trainer:
 
     def _write_log(self) -> None:
         (self.run_dir / "log.json").write_text(json.dumps(self.log, indent=1))
+        plot_log(self.log, self.run_dir / "curves.png")
         keys = sorted({k for row in self.log for k in row})
         with (self.run_dir / "log.csv").open("w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=keys)
             writer.writeheader()
             writer.writerows(self.log)
+
+
+def plot_log(log: list[dict[str, Any]], path: Path) -> None:
+    """Loss and validation Jaccard per epoch across the stages, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r for r in log if r.get("epoch", 0) > 0]
+    if not epochs:
+        return
+    x = np.arange(1, len(epochs) + 1)
+    fig, (loss_ax, metric_ax) = plt.subplots(1, 2, figsize=(10, 3.6), dpi=100)
+    loss_ax.plot(x, [r["train_loss"] for r in epochs], label="train loss")
+    loss_ax.plot(x, [r["val_loss"] for r in epochs], label="validation loss")
+    metric_ax.plot(x, [r["val_jaccard"] for r in epochs], label="validation Jaccard")
+    metric_ax.plot(x, [r["val_dice"] for r in epochs], label="validation Dice")
+    starts = [i + 1 for i, r in enumerate(epochs) if i == 0 or r["stage"] != epochs[i - 1]["stage"]]
+    for ax in (loss_ax, metric_ax):
+        for start in starts:
+            ax.axvline(start - 0.5, color="0.8", lw=0.8)
+            ax.text(start - 0.4, 1.0, epochs[start - 1]["stage"], fontsize=7, va="top",
+                    transform=ax.get_xaxis_transform())  # fmt: skip
+        ax.set_xlabel("epoch (all stages)")
+        ax.legend(fontsize=8)
+    loss_ax.set_yscale("log")
+    metric_ax.set_ylim(0, 1)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
 
 
 def train(config_path: Path, run_dir: Path) -> Path:

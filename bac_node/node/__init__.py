@@ -1,0 +1,1 @@
+"""The DICOM node: SCP, store, queue, scheduler, worker and export."""
