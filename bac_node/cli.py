@@ -6,6 +6,7 @@ and exit status 1 here, and only here.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -78,6 +79,8 @@ pass_context = click.make_pass_decorator(_Context)
 @click.option(
     "--data-dir", type=click.Path(file_okay=False, path_type=Path), help=setting_help()["data_dir"]
 )
+@click.option("--ae-title", help=setting_help()["ae_title"])
+@click.option("--port", type=int, help=setting_help()["port"])
 @click.option("--log-level", help=setting_help()["log_level"])
 @click.option("--device", help=setting_help()["device"])
 @click.pass_context
@@ -85,6 +88,8 @@ def cli(
     ctx: click.Context,
     config_file: Path | None,
     data_dir: Path | None,
+    ae_title: str | None,
+    port: int | None,
     log_level: str | None,
     device: str | None,
 ) -> None:
@@ -92,7 +97,10 @@ def cli(
 
     Research use only. Not for clinical use.
     """
-    cli_values: dict[str, Any] = {"data_dir": data_dir, "log_level": log_level, "device": device}
+    cli_values: dict[str, Any] = {
+        "data_dir": data_dir, "ae_title": ae_title, "port": port, "log_level": log_level,
+        "device": device,
+    }  # fmt: skip
     try:
         settings, sources = load_settings(config_file=config_file, cli=cli_values)
     except ConfigError as exc:
@@ -103,6 +111,9 @@ def cli(
     )
     # highdicom narrates every attribute it copies at INFO; keep its warnings only.
     logging.getLogger("highdicom").setLevel(max(logging.WARNING, logging.root.level))
+    # APScheduler narrates every tick at INFO; pynetdicom every PDU at DEBUG.
+    logging.getLogger("apscheduler").setLevel(max(logging.WARNING, logging.root.level))
+    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.root.level))
     ctx.obj = _Context(settings, sources, cli_values)
 
 
@@ -226,21 +237,105 @@ def synth(
               help="Where the demo writes its results (default: DATA_DIR/demo).")  # fmt: skip
 @pass_context
 def demo(obj: _Context, input_dir: Path | None, out: Path | None) -> None:
-    """Run the sample study end to end through what bac-node has today.
+    """Run the sample study end to end through the node.
 
-    Today that is: read every instance of the sample study, apply the display
-    transform, measure the breast and BAC areas from the phantom's ground truth,
-    grade each side and the study, and write summary.json and a contact sheet. The
-    node (C-STORE in, U-Net, SEG + SR back) replaces the ground truth with the model
-    as those parts land.
+    Starts a node of its own (fresh data directory, free loopback port) and a receiving
+    SCP, sends the sample study over C-STORE, waits for the SEG and SR to come back,
+    prints the result table and where the files are. Research use only.
     """
     tune_allocator()
     from bac_node.demo import run_demo
 
+    if obj.sources["log_level"] == "default":
+        # The demo's output is its table; the node's own log lines are for `serve`.
+        logging.getLogger().setLevel(logging.WARNING)
     out = out or obj.settings.data_dir / "demo"
-    summary = run_demo(input_dir, out, SAMPLE_RECIPE)
-    click.echo(summary.table())
-    click.echo(f"results: {out}")
+    outcome = run_demo(input_dir, out, SAMPLE_RECIPE, obj.settings)
+    click.echo(outcome.table())
+
+
+@cli.command()
+@click.option("--host", default="", help="Address to listen on (default: all interfaces).")
+@click.option("--workers", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Worker threads in this process (0: only receive and export).")  # fmt: skip
+@pass_context
+def serve(obj: _Context, host: str, workers: int) -> None:
+    """Run the node: C-STORE SCP, scheduler, exporter and worker(s), until SIGTERM.
+
+    Instances are acknowledged only once fsynced and committed; studies are analysed
+    when their four screening views are in or `stable_after` seconds pass; SEG and SR go
+    to each configured destination with retries. Research use only.
+    """
+    tune_allocator()
+    from bac_node.node.service import serve as run_serve
+
+    run_serve(obj.settings, host=host, workers=workers)
+
+
+@cli.command()
+@click.option("--count", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Worker threads in this process.")  # fmt: skip
+@pass_context
+def worker(obj: _Context, count: int) -> None:
+    """Run more workers on the node's database (the same data directory), until SIGTERM."""
+    tune_allocator()
+    from bac_node.node.service import run_workers
+
+    run_workers(obj.settings, count=count)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@click.option("--failures", type=click.IntRange(min=0), default=10, show_default=True,
+              help="How many recent failures to list.")  # fmt: skip
+@pass_context
+def status(obj: _Context, as_json: bool, failures: int) -> None:
+    """Queue and export counts, and the recent failures by study UID."""
+    from bac_node.node.db import DATABASE_FILE, open_database
+    from bac_node.node.queue import queue_counts, recent_failures
+
+    if not (obj.settings.data_dir / DATABASE_FILE).is_file():
+        raise BacNodeError(
+            f"{obj.settings.data_dir}: no bac-node database here (set --data-dir to the "
+            "node's data directory)"
+        )
+    db = open_database(obj.settings.data_dir)
+    try:
+        counts = queue_counts(db)
+        recent = recent_failures(db, failures)
+    finally:
+        db.dispose()
+    if as_json:
+        doc = {"counts": counts, "recent_failures": [dataclasses.asdict(f) for f in recent]}
+        click.echo(json.dumps(doc, indent=1, default=str))
+        return
+    for table, by_state in counts.items():
+        line = ", ".join(f"{state} {n}" for state, n in sorted(by_state.items())) or "none"
+        click.echo(f"{table}: {line}")
+    if recent:
+        click.echo("recent failures (newest first):")
+    for f in recent:
+        when = f.when.isoformat(timespec="seconds") if f.when else "-"
+        click.echo(f"{when}  study {f.study_uid}  {f.what} [{f.state}]: {f.last_error}")
+
+
+@cli.command()
+@click.argument("study_uid", required=False)
+@click.option("--dead-letter", is_flag=True, help="Retry every dead-lettered export.")
+@pass_context
+def retry(obj: _Context, study_uid: str | None, dead_letter: bool) -> None:
+    """Send a study's results again (STUDY_UID), or every dead-lettered export."""
+    from bac_node.node.db import open_database
+    from bac_node.node.queue import retry_dead
+
+    if bool(study_uid) == dead_letter:
+        raise click.UsageError("give either STUDY_UID or --dead-letter")
+    db = open_database(obj.settings.data_dir)
+    try:
+        count = retry_dead(db, study_uid)
+    finally:
+        db.dispose()
+    click.echo(f"{count} item(s) queued again")
 
 
 @cli.command()

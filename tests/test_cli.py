@@ -32,7 +32,7 @@ from bac_node.config import (
     setting_names,
     shown,
 )
-from bac_node.grading import BACGrade, cardiovascular_flag
+from bac_node.grading import BACGrade
 from training.phantom.vendors import VENDOR_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -314,28 +314,60 @@ def test_sample_is_what_the_recipe_says() -> None:
     assert {r["planned_grade"] for r in rows} == set(planned)
 
 
-def test_demo_on_the_committed_sample(cwd: Path) -> None:
+@pytest.fixture(scope="module")
+def tiny_model_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The environment for a demo with the tiny test model (seconds, meaningless grades)."""
+    from _processing_helpers import save_tiny_model
+
+    model = save_tiny_model(tmp_path_factory.mktemp("model") / "tiny.safetensors")
+    return clean_env({"BAC_NODE_MODEL": str(model)})
+
+
+def received_modalities(out: Path) -> list[str]:
+    return sorted(
+        str(pydicom.dcmread(p, stop_before_pixels=True).Modality)
+        for p in (out / "received").rglob("*.dcm")
+    )
+
+
+def test_demo_goes_through_the_node(cwd: Path, tiny_model_env: dict[str, str]) -> None:
     before = tree_state(SAMPLE_DIR)
-    result = bac_node("demo", "--input", SAMPLE_DIR, "--out", "demo-out", cwd=cwd)
+    result = bac_node(
+        "demo", "--input", SAMPLE_DIR, "--out", "demo-out", cwd=cwd, env=tiny_model_env
+    )
     assert result.returncode == 0, result.stderr
-
-    manifest = manifest_rows(SAMPLE_DIR)
-    expected = study_grade_of(manifest)
-    flag = "raised cardiovascular risk flag" if expected == BACGrade.SEVERE else "no flag"
-    assert re.search(rf"^study grade {expected} \({flag}\)", result.stdout, re.MULTILINE)
-    assert "Not for clinical use" in result.stdout
-
-    summary = json.loads((cwd / "demo-out" / "summary.json").read_text())
-    assert summary["study_grade"] == expected
-    assert summary["cardiovascular_flag"] is cardiovascular_flag(BACGrade(expected))
-    assert len(summary["images"]) == len(manifest)
-    assert all(image["breast_brighter_than_background"] is True for image in summary["images"])
-    for side, info in summary["sides"].items():
-        rows = [r for r in manifest if r["laterality"] == side]
-        assert {r["side_grade"] for r in rows} == {info["grade"]}
-        assert info["area_percent"] == pytest.approx(rows[0]["side_area_percent"], abs=1e-4)
-    assert (cwd / "demo-out" / "contact_sheet.png").is_file()
+    assert "research use only, not for clinical use" in result.stdout
+    assert re.search(r"^study grade [0-3] \(", result.stdout, re.MULTILINE)
+    assert "5 objects came back over C-STORE" in result.stdout
+    out = cwd / "demo-out"
+    assert received_modalities(out) == ["SEG"] * 4 + ["SR"]
+    study_uid = manifest_rows(SAMPLE_DIR)[0]["study_instance_uid"]
+    assert (out / "received" / study_uid).is_dir()
+    for row in manifest_rows(SAMPLE_DIR):
+        assert row["sop_instance_uid"] in result.stdout
+    # the node's own database says the same: one job done, one export done
+    status = bac_node("--data-dir", out / "node", "status", "--json", cwd=cwd, env=tiny_model_env)
+    counts = json.loads(status.stdout)["counts"]
+    assert (counts["jobs"]["done"], counts["exports"]["done"]) == (1, 1)
+    assert sum(counts["jobs"].values()) == sum(counts["exports"].values()) == 1
     assert tree_state(SAMPLE_DIR) == before  # the committed sample is only read
+    # a second run in the same --out starts afresh
+    again = bac_node(
+        "demo", "--input", SAMPLE_DIR, "--out", "demo-out", cwd=cwd, env=tiny_model_env
+    )
+    assert again.returncode == 0, again.stderr
+    assert received_modalities(out) == ["SEG"] * 4 + ["SR"]
+
+
+def test_demo_refuses_an_out_directory_that_is_not_its_own(
+    cwd: Path, tiny_model_env: dict[str, str]
+) -> None:
+    (cwd / "mine" / "node").mkdir(parents=True)
+    (cwd / "mine" / "node" / "precious.txt").write_text("keep me")
+    result = bac_node("demo", "--input", SAMPLE_DIR, "--out", "mine", cwd=cwd, env=tiny_model_env)
+    line = assert_one_line_error(result)
+    assert "not a bac-node demo directory" in line
+    assert (cwd / "mine" / "node" / "precious.txt").read_text() == "keep me"
 
 
 def test_demo_input_without_manifest(
@@ -347,19 +379,19 @@ def test_demo_input_without_manifest(
 
 
 @pytest.mark.slow
-def test_demo_without_input_remakes_the_sample(cwd: Path) -> None:
-    result = bac_node("demo", cwd=cwd, timeout=600)
+def test_demo_with_the_shipped_model_finds_the_sample_grade(cwd: Path) -> None:
+    """The README's first command: no --input (sample remade from the recipe when the
+    cwd has no sample_dicom/), the shipped model, the sample's true grade."""
+    result = bac_node("demo", cwd=cwd, timeout=900)
     assert result.returncode == 0, result.stderr
-
-    out = cwd / Settings().data_dir / "demo"  # the default --out
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["source"].startswith("generated")
+    assert "untrained" not in result.stderr
     committed = manifest_rows(SAMPLE_DIR)
-    assert summary["study_grade"] == study_grade_of(committed)
-    remade = manifest_rows(out / "sample")
-    assert study_grade_of(remade) == study_grade_of(committed)
-    for side, info in summary["sides"].items():
-        assert {r["side_grade"] for r in committed if r["laterality"] == side} == {info["grade"]}
+    expected = study_grade_of(committed)
+    flag = "Grade 3 cardiovascular flag RAISED" if expected == BACGrade.SEVERE else "no flag"
+    assert re.search(rf"^study grade {expected} \({flag}\)", result.stdout, re.MULTILINE)
+    out = cwd / Settings().data_dir / "demo"  # the default --out
+    assert study_grade_of(manifest_rows(out / "sample")) == expected
+    assert received_modalities(out) == ["SEG"] * 4 + ["SR"]
 
 
 # --- allocator re-exec ------------------------------------------------------------------

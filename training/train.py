@@ -207,7 +207,11 @@ class Trainer:
         self.device = resolve_device(config.device)
         torch.manual_seed(config.seed)
         self.model = build_model(config.model).to(self.device)
-        self.log: list[dict[str, Any]] = []
+        # A resumed run keeps the log of the epochs it already ran.
+        log_file = run_dir / "log.json"
+        self.log: list[dict[str, Any]] = (
+            list(json.loads(log_file.read_text())) if log_file.is_file() else []
+        )
         self.timings: dict[str, float] = {}
 
     # --- data ----------------------------------------------------------------------------
