@@ -10,7 +10,8 @@ States
 ------
 - Job: ``pending`` → ``running`` (claimed: ``lease_owner`` + ``lease_expires``) →
   ``done`` | back to ``pending`` (lease expired or a retryable failure) | ``failed``
-  (the study cannot be analysed, or ``attempts`` reached ``MAX_JOB_ATTEMPTS``).
+  (the study cannot be analysed, or ``attempts`` reached ``MAX_JOB_ATTEMPTS``) |
+  ``superseded`` (the study's images changed before it ran; a newer job follows).
 - Export: ``pending`` (``next_try``) → ``sending`` → ``done`` | back to ``pending``
   with a later ``next_try`` | ``dead`` (dead-lettered after the configured attempts).
 
@@ -126,8 +127,8 @@ class Job(Base):
     __tablename__ = "jobs"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
-    #: sha256 of the sorted SOP Instance UIDs the job analyses: the same inputs are
-    #: never analysed (nor answered) twice.
+    #: sha256 of the sorted (SOP Instance UID, file sha256) pairs the job analyses: the
+    #: same inputs are never analysed (nor answered) twice (queue.inputs_key).
     inputs_key: Mapped[str] = mapped_column(String(64))
     state: Mapped[str] = mapped_column(String(16), default="pending", index=True)
     lease_owner: Mapped[str | None] = mapped_column(String(128), default=None)

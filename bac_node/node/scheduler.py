@@ -186,6 +186,11 @@ class NodeScheduler:
         )
 
     @property
+    def scheduled(self) -> list[str]:
+        """Names of the ticks the running scheduler runs (empty when stopped)."""
+        return [job.id for job in self._scheduler.get_jobs()] if self._scheduler else []
+
+    @property
     def running(self) -> bool:
         return self._scheduler is not None and bool(self._scheduler.running)
 

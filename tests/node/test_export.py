@@ -110,6 +110,7 @@ def pynetdicom_scp(status: int, *, ae_title: str = "REFUSER") -> Iterator[tuple[
     server = ae.start_server(
         ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, handle)]
     )
+    assert server is not None
     try:
         yield int(server.server_address[1]), offered
     finally:

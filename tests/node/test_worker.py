@@ -277,11 +277,12 @@ def test_a_killed_worker_is_replaced_and_one_result_recorded(
         doomed.wait(30)
     job = _job(db)
     assert (job.state, job.attempts, job.lease_owner) == ("running", 1, "doomed")
-    assert job.lease_expires is not None
-    before_expiry = job.lease_expires.replace(microsecond=0)
+    expires = job.lease_expires
+    assert expires is not None
+    before_expiry = expires.replace(microsecond=0)
     assert claim_job(db, "early", 2, data_dir=data_dir, now=before_expiry) is None
 
-    wait_for(lambda: utcnow() > job.lease_expires, 10, "the dead worker's lease to expire")
+    wait_for(lambda: utcnow() > expires, 10, "the dead worker's lease to expire")
     survivor = Worker(
         node_settings(data_dir, lease_seconds=2), db, predictor=model[0], card=model[1],
         owner="survivor",
