@@ -27,7 +27,7 @@ def _run(*args: str | Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_configs_load() -> None:
-    for name in ("ci.toml", "paper.toml"):
+    for name in ("ci.toml", "default.toml", "paper.toml"):
         config = load_config(REPO / "training" / "configs" / name)
         assert config.keep_fraction == 0.03 and config.min_bac_fraction == 0.007
     paper = load_config(REPO / "training" / "configs" / "paper.toml")

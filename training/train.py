@@ -439,8 +439,12 @@ class Trainer:
             training_data=(
                 f"bac-node synthetic phantoms (bac-node synth {__version__}): "
                 f"{len(self.records)} labelled canvases, "
-                f"{len(self.unlabelled)} unlabelled; {label} model "
-                f"({c.rounds} pseudo-label rounds)"
+                f"{len(self.unlabelled)} unlabelled; "
+                + (
+                    "baseline model (before pseudo-labelling)"
+                    if label == "baseline"
+                    else f"after {c.rounds} pseudo-label round(s)"
+                )
             ),
             metrics=metrics,
         )
