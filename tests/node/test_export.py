@@ -16,13 +16,11 @@ from typing import Any
 
 import pydicom
 import pytest
-import torch
 from _processing_helpers import (
     StoreSCP,
     free_port,
     node_settings,
     phantom_study,
-    save_tiny_model,
     store_files,
 )
 from pynetdicom import AE, evt
@@ -31,7 +29,6 @@ from sqlalchemy import select
 
 from bac_node.analysis import Predictor
 from bac_node.config import Settings
-from bac_node.model.inference import load_predictor
 from bac_node.model.weights import ModelCard
 from bac_node.node.db import Database, Export, Result, open_database, utcnow
 from bac_node.node.export import Exporter, warn_if_no_destinations
@@ -40,21 +37,6 @@ from bac_node.node.worker import Worker
 
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Predictor, ModelCard]:
-    path = save_tiny_model(tmp_path_factory.mktemp("model") / "tiny.safetensors")
-    predictor, card, _ = load_predictor(str(path), device="cpu")
-    return predictor, card
 
 
 @pytest.fixture

@@ -9,42 +9,24 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from _processing_helpers import (
     StoreSCP,
     add_rows,
     free_port,
     node_settings,
     phantom_study,
-    save_tiny_model,
     store_files,
     wait_for,
 )
 from sqlalchemy import select
 
 from bac_node.analysis import Predictor
-from bac_node.model.inference import load_predictor
 from bac_node.model.weights import ModelCard
 from bac_node.node.db import Database, Export, Instance, Job, Result, Study, open_database, utcnow
 from bac_node.node.export import Exporter
 from bac_node.node.queue import ResultRecord, claim_job, complete_job, enqueue_ready_studies
 from bac_node.node.scheduler import NodeScheduler
 from bac_node.node.worker import Worker
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Predictor, ModelCard]:
-    path = save_tiny_model(tmp_path_factory.mktemp("model") / "tiny.safetensors")
-    predictor, card, _ = load_predictor(str(path), device="cpu")
-    return predictor, card
 
 
 @pytest.fixture

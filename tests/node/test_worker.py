@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-import torch
 from _processing_helpers import (
     dciodvfy_errors,
     node_settings,
@@ -45,15 +44,6 @@ from bac_node.node.queue import claim_job, enqueue_ready_studies
 from bac_node.node.worker import Worker
 
 HERE = Path(__file__).resolve().parent
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One torch thread: the machine is shared, and the canvases are tiny."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
