@@ -115,10 +115,11 @@ def _study_files(source_dir: Path) -> tuple[str, list[Path]]:
     return str(rows[0]["study_instance_uid"]), [source_dir / str(r["file"]) for r in rows]
 
 
-def _fresh_dir(path: Path, marker: str) -> None:
-    """Empty ``path`` if it is the demo's own (holds ``marker``); refuse anything else."""
+def _fresh_dir(path: Path, marker: str | None) -> None:
+    """Empty ``path`` if it is the demo's own (holds ``marker``, or always when ``marker``
+    is None); refuse anything else."""
     if path.exists() and any(path.iterdir()):
-        if not (path / marker).exists():
+        if marker is not None and not (path / marker).exists():
             raise BacNodeError(f"{path} exists and is not a bac-node demo directory; use --out")
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -191,7 +192,7 @@ def run_demo(
     study_uid, files = _study_files(source_dir)
     node_data, received_dir = out / "node", out / "received"
     _fresh_dir(node_data, DATABASE_FILE)
-    _fresh_dir(received_dir, "")
+    _fresh_dir(received_dir, None)  # only ever holds what the demo received
     receiver = Receiver(received_dir)
     node_settings = dataclasses.replace(
         settings,

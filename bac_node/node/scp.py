@@ -74,6 +74,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from bac_node.config import Settings, parse_destination, parse_peer
+from bac_node.errors import BacNodeError
 from bac_node.node.store import (
     CANNOT_UNDERSTAND,
     ERROR_COMMENT_MAX,
@@ -265,19 +266,26 @@ def start_scp(
             "e.g. BAC_NODE_ALLOWED_PEERS=PACS or PACS@pacs.example.org) or destinations"
         )
     handlers = _Handlers(store, allowlist)
-    server = ae.start_server(
-        (host, settings.port if port is None else port),
-        block=False,
-        evt_handlers=[
-            (evt.EVT_REQUESTED, handlers.on_requested),
-            (evt.EVT_ESTABLISHED, handlers.on_established),
-            (evt.EVT_REJECTED, handlers.on_rejected),
-            (evt.EVT_RELEASED, handlers.on_released),
-            (evt.EVT_ABORTED, handlers.on_aborted),
-            (evt.EVT_C_ECHO, handlers.on_c_echo),
-            (evt.EVT_C_STORE, handlers.on_c_store),
-        ],
-    )
+    address = (host, settings.port if port is None else port)
+    try:
+        server = ae.start_server(
+            address,
+            block=False,
+            evt_handlers=[
+                (evt.EVT_REQUESTED, handlers.on_requested),
+                (evt.EVT_ESTABLISHED, handlers.on_established),
+                (evt.EVT_REJECTED, handlers.on_rejected),
+                (evt.EVT_RELEASED, handlers.on_released),
+                (evt.EVT_ABORTED, handlers.on_aborted),
+                (evt.EVT_C_ECHO, handlers.on_c_echo),
+                (evt.EVT_C_STORE, handlers.on_c_store),
+            ],
+        )
+    except OSError as exc:
+        raise BacNodeError(
+            f"cannot listen on {address[0] or '*'}:{address[1]} ({exc.strerror or exc}); "
+            "is another node or PACS using the port? Set `port` or --port"
+        ) from None
     assert isinstance(server, ThreadedAssociationServer)
     scp = ScpServer(server, ae, default_timeout=settings.network_timeout + 5)
     log.info(

@@ -99,11 +99,17 @@ class Node:
         from bac_node.node.queue import release_jobs
 
         log.info("stopping: no new associations; finishing stores in flight")
-        self.scp.shutdown()
+        # start() may have failed part way (a port in use): stop what did start.
+        if hasattr(self, "scp"):
+            self.scp.shutdown()
         self._stop.set()
         for thread in self._threads:
-            thread.join(timeout)
-        self.scheduler.shutdown()
+            if thread.is_alive():
+                thread.join(timeout)
+        if hasattr(self, "scheduler"):
+            self.scheduler.shutdown()
+        if not hasattr(self, "db"):
+            return
         for worker in self._worker_objects:
             released = release_jobs(self.db, worker.owner)
             if released:
