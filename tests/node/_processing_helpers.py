@@ -13,9 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import os
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -218,21 +216,11 @@ def slow_worker_main(data_dir: str, model: str, lease_seconds: int) -> None:
 
 
 def require_tool(name: str) -> str:
-    """Path of command-line tool ``name``; skip without it, but fail in CI."""
-    path = shutil.which(name)
-    if path is None:
-        message = f"{name} is not installed (Debian packages dicom3tools, dcmtk)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
+    """phantom_fixtures.require_tool, imported late: spawned worker processes import this
+    module with only tests/node on their path."""
+    from phantom_fixtures import require_tool as require
 
-
-def free_port() -> int:
-    """A loopback port nothing listens on (free when asked)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return require(name)
 
 
 def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:

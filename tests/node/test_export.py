@@ -18,11 +18,11 @@ import pydicom
 import pytest
 from _processing_helpers import (
     StoreSCP,
-    free_port,
     node_settings,
     phantom_study,
     store_files,
 )
+from peers import free_port
 from pynetdicom import AE, evt
 from pynetdicom.presentation import StoragePresentationContexts
 from sqlalchemy import select

@@ -12,12 +12,12 @@ import pytest
 from _processing_helpers import (
     StoreSCP,
     add_rows,
-    free_port,
     node_settings,
     phantom_study,
     store_files,
     wait_for,
 )
+from peers import free_port
 from sqlalchemy import select
 
 from bac_node.analysis import Predictor
