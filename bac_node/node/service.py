@@ -11,11 +11,13 @@ instance was fsynced and committed before its Success).
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
@@ -26,6 +28,9 @@ from bac_node.model.weights import ModelCard
 from bac_node.node.db import Database, open_database
 
 log = logging.getLogger(__name__)
+
+# How often the main thread of `serve`/`worker` looks for a stop signal.
+SIGNAL_POLL_SECONDS = 0.2
 
 
 def owner_name(role: str, index: int = 0) -> str:
@@ -119,20 +124,31 @@ class Node:
 
 
 def run_until_signal(start: Callable[[], None], stop: Callable[[], None]) -> None:
-    """Run ``start``, wait for SIGTERM/SIGINT, run ``stop``; a second signal exits at once."""
-    stopping = threading.Event()
+    """Run ``start``, wait for SIGTERM/SIGINT, run ``stop``; a second signal exits at once.
+
+    The handler only records the signal; the main thread polls for it. Setting a
+    ``threading.Event`` from a handler can deadlock: the handler runs on the main thread,
+    which may be holding that event's lock inside ``Event.wait`` at that very moment (a
+    SIGTERM right as ``start`` returned hung ``serve`` exactly so).
+
+    SIGUSR1 writes every thread's stack to stderr (the log) and carries on: what an
+    administrator, or a test, needs when a stop takes longer than it should.
+    """
+    received: list[int] = []
 
     def handle(signum: int, _frame: FrameType | None) -> None:
-        if stopping.is_set():
-            log.warning("second %s: exiting now", signal.Signals(signum).name)
+        if received:
+            os.write(2, f"second {signal.Signals(signum).name}: exiting now\n".encode())
             os._exit(128 + signum)
-        log.info("%s received", signal.Signals(signum).name)
-        stopping.set()
+        received.append(signum)
 
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         start()
-        stopping.wait()
+        while not received:
+            time.sleep(SIGNAL_POLL_SECONDS)
+        log.info("%s received", signal.Signals(received[0]).name)
         stop()
     finally:
         for sig, handler in previous.items():

@@ -77,7 +77,14 @@ class Serve:
         if self.process is None or self.process.poll() is not None:
             return self.process.returncode if self.process else 0
         self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(60)
+        try:
+            return self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            self.process.send_signal(signal.SIGUSR1)  # the node dumps its threads' stacks
+            time.sleep(2)
+            self.process.kill()
+            self.process.wait(30)
+            pytest.fail(f"serve did not stop within 60 s of SIGTERM:\n{self.tail(20000)}")
 
     def status(self) -> dict[str, Any]:
         """`bac-node status --json`, with the zero counts left out."""
@@ -96,8 +103,8 @@ class Serve:
         assert result.returncode == 0, result.stderr
         return result
 
-    def tail(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:] if self.log.exists() else ""
+    def tail(self, chars: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
 
 
 @pytest.fixture
