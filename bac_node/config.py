@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from bac_node.errors import ConfigError
 
@@ -41,6 +43,11 @@ class Settings:
     port: int = _setting(11112, "DICOM (DIMSE) listening port of `bac-node serve`.")
     log_level: str = _setting("INFO", "Logging level: DEBUG, INFO, WARNING or ERROR.")
     device: str = _setting("auto", "Where the model runs: auto (CUDA when present), cpu or cuda.")
+    backend: str = _setting(
+        "auto",
+        "Inference backend: torch, onnx (ONNX Runtime, CPU only) or auto (onnx on the CPU, "
+        "torch on CUDA).",
+    )
     seed: int = _setting(0, "Default random seed of `bac-node synth` and the demo.")
     allowed_peers: tuple[str, ...] = _setting(
         (),
@@ -48,7 +55,9 @@ class Settings:
         "destinations' AE titles.",
     )
     destinations: tuple[str, ...] = _setting(
-        (), "Where results are sent by C-STORE: `AE@host:port` entries (none: kept on disk)."
+        (),
+        "Where results are sent: `AE@host:port` (C-STORE) or a DICOMweb base URL "
+        "`http(s)://…` (STOW-RS); none: kept on disk.",
     )
     max_associations: int = _setting(10, "Most simultaneous DICOM associations accepted.")
     max_pdu: int = _setting(262144, "Largest P-DATA PDU the node receives, in bytes.")
@@ -80,6 +89,30 @@ class Settings:
     model: str = _setting(
         "", "Model weights (.safetensors) the worker runs; empty: the shipped default."
     )
+    http_port: int = _setting(
+        -1,
+        "HTTP port of `bac-node serve` (STOW-RS, health, metrics, status page): -1 off, "
+        "0 a free port chosen at start (logged).",
+    )
+    http_host: str = _setting(
+        "", "Address the HTTP server listens on; empty: the address of `serve --host`."
+    )
+    http_tokens: tuple[str, ...] = _setting(
+        (),
+        "Bearer tokens the HTTP interface accepts (`sha256:HEX` entries hold a token's "
+        "digest); empty: none.",
+    )
+    http_loopback_trusted: bool = _setting(
+        False,
+        "Loopback clients need no token (one-host set-ups); never behind a proxy on the same host.",
+    )
+    http_tls_cert: str = _setting(
+        "", "PEM certificate (chain) file: serve HTTPS instead of HTTP (with http_tls_key)."
+    )
+    http_tls_key: str = _setting("", "PEM private key file of http_tls_cert.")
+    http_max_request_mb: int = _setting(
+        1024, "Largest STOW-RS request body accepted, in MiB (413 above)."
+    )
 
     def __post_init__(self) -> None:
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
@@ -96,6 +129,8 @@ class Settings:
             )
         if self.device not in {"auto", "cpu", "cuda"}:
             raise ConfigError(f"device must be auto, cpu or cuda, not {self.device!r}")
+        if self.backend not in {"torch", "onnx", "auto"}:
+            raise ConfigError(f"backend must be torch, onnx or auto, not {self.backend!r}")
         if self.duplicates not in {"keep-first", "replace"}:
             raise ConfigError(f"duplicates must be keep-first or replace, not {self.duplicates!r}")
         for name in (
@@ -112,7 +147,22 @@ class Settings:
         for peer in self.allowed_peers:
             parse_peer(peer)
         for destination in self.destinations:
-            parse_destination(destination)
+            if is_dicomweb_destination(destination):
+                parse_dicomweb_destination(destination)
+            else:
+                parse_destination(destination)
+        if not -1 <= self.http_port < 65536:
+            raise ConfigError(
+                f"http_port must be -1 (off), 0 (any free port) or 1-65535, not {self.http_port}"
+            )
+        if bool(self.http_tls_cert) != bool(self.http_tls_key):
+            raise ConfigError("http_tls_cert and http_tls_key must be set together")
+        if self.http_max_request_mb < 1:
+            raise ConfigError(
+                f"http_max_request_mb must be at least 1, not {self.http_max_request_mb}"
+            )
+        for token in self.http_tokens:
+            check_http_token(token)
 
 
 @dataclass(frozen=True)
@@ -146,6 +196,52 @@ def parse_destination(text: str) -> Destination:
     if not at or not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"destinations entry {text!r} must look like AE@host:port")
     return Destination(_check_ae(ae.strip(), f"destinations entry {text!r}"), host, int(port))
+
+
+def is_dicomweb_destination(text: str) -> bool:
+    """Whether a ``destinations`` entry is a DICOMweb base URL (else ``AE@host:port``)."""
+    return text.strip().lower().startswith(("http://", "https://"))
+
+
+def parse_dicomweb_destination(text: str) -> str:
+    """A ``destinations`` DICOMweb base URL (``…/dicom-web``), without a trailing slash.
+
+    Credentials in the URL are refused: destinations appear in logs, ``bac-node status``
+    and the status page.
+    """
+    url = urlsplit(text.strip())
+    if url.scheme.lower() not in ("http", "https") or not url.hostname:
+        raise ConfigError(f"destinations entry {text!r} must look like http(s)://host[:port]/path")
+    if url.username is not None or url.password is not None:
+        raise ConfigError(f"destinations entry {text!r}: credentials do not belong in the URL")
+    if url.query or url.fragment:
+        raise ConfigError(f"destinations entry {text!r}: a DICOMweb base URL has no query")
+    try:
+        url.port  # noqa: B018 (an out-of-range port raises here)
+    except ValueError:
+        raise ConfigError(f"destinations entry {text!r}: invalid port") from None
+    return text.strip().rstrip("/")
+
+
+#: Settings whose values `bac-node settings` does not print.
+SECRET_SETTINGS = frozenset({"http_tokens"})
+
+#: ``sha256:`` and 64 hexadecimal digits: an ``http_tokens`` entry holding a digest.
+_TOKEN_DIGEST = re.compile(r"sha256:[0-9a-fA-F]{64}")
+
+
+def check_http_token(token: str) -> str:
+    """An ``http_tokens`` entry: a token (16+ visible characters) or ``sha256:HEX``."""
+    if token.lower().startswith("sha256:"):
+        if not _TOKEN_DIGEST.fullmatch(token):
+            raise ConfigError("http_tokens: a sha256: entry must hold 64 hexadecimal digits")
+        return token
+    if len(token) < 16 or not token.isascii() or not token.isprintable() or " " in token:
+        raise ConfigError(
+            "http_tokens: a token must be at least 16 printable ASCII characters without "
+            "spaces (e.g. `python -c 'import secrets; print(secrets.token_urlsafe())'`)"
+        )
+    return token
 
 
 def shown(value: Any) -> str:

@@ -81,14 +81,19 @@ class Worker:
         """A worker with the model of ``settings`` (``model``, ``device``), loaded once."""
         from bac_node.model.inference import load_predictor
 
-        predictor, card, untrained = load_predictor(settings.model or None, device=settings.device)
+        predictor, card, untrained = load_predictor(
+            settings.model or None, device=settings.device, backend=settings.backend
+        )
         if untrained:
             log.warning(
                 "no trained weights are installed: the worker runs the untrained fixed-seed "
                 "model %s %s and its BAC results mean nothing; set `model`",
                 card.name, card.version,
             )  # fmt: skip
-        log.info("worker model: %s %s (%s)", card.name, card.version, settings.device)
+        log.info(
+            "worker model: %s %s (%s, %s)",
+            card.name, card.version, settings.device, type(predictor).__name__,
+        )  # fmt: skip
         return cls(settings, db, predictor=predictor, card=card, owner=owner)
 
     # --- the loop -------------------------------------------------------------------
