@@ -201,6 +201,7 @@ def run_demo(
         destinations=(f"{RECEIVER_AE}@127.0.0.1:{receiver.port}",),
         stable_after=10,
         min_free_mb=min(settings.min_free_mb, 50),
+        http_port=-1,  # the demo talks DIMSE only; a configured port may be serve's own
     )
     node = Node(node_settings, host="127.0.0.1", port=0)
     try:

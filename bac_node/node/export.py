@@ -14,6 +14,13 @@ Decisions a next engineer needs:
   (``bac-node retry`` sends dead ones again). Sending all files again after a partial
   failure is safe: SEG/SR UIDs are deterministic, so the destination gets the same
   instances again, not a second result set.
+- **DICOMweb destinations** (a ``destinations`` entry that is an ``http(s)://`` base
+  URL, e.g. Orthanc's ``http://pacs:8042/dicom-web``) get the same files in one
+  STOW-RS request (dicomweb-client, ``network_timeout`` per request, its own retries
+  off) through the same queue, retries and dead letter. All or nothing there too:
+  an HTTP error, a Failed SOP Sequence item, or a sent SOP Instance UID missing from
+  a Referenced SOP Sequence fails the attempt. Proxies come from the environment
+  (``https_proxy``/``no_proxy``), as for any requests-based client.
 - **No destinations, no exports.** The worker creates no Export rows then; results
   stay on disk under ``data_dir/results`` and :func:`warn_if_no_destinations` says
   so once at start.
@@ -32,7 +39,7 @@ from pydicom.filereader import read_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 
-from bac_node.config import Destination, Settings, parse_destination
+from bac_node.config import Destination, Settings, is_dicomweb_destination, parse_destination
 from bac_node.node.db import Database, utcnow
 from bac_node.node.queue import (
     RESULTS_DIR,
@@ -104,7 +111,10 @@ class Exporter:
     def export(self, export: ClaimedExport) -> bool:
         """Send one claimed export and record the outcome; True when delivered."""
         try:
-            self.send(export.files, parse_destination(export.destination))
+            if is_dicomweb_destination(export.destination):
+                self.send_dicomweb(export.files, export.destination)
+            else:
+                self.send(export.files, parse_destination(export.destination))
         except ExportError as exc:
             self._failed(export, str(exc))
             return False
@@ -187,3 +197,40 @@ class Exporter:
         finally:
             if assoc.is_established:
                 assoc.release()
+
+    def send_dicomweb(self, files: tuple[Path, ...], url: str) -> None:
+        """STOW-RS ``files`` to the DICOMweb base ``url`` in one request; ExportError
+        unless every file is referenced as stored and none failed."""
+        import requests
+        from dicomweb_client.api import DICOMwebClient
+        from pydicom import dcmread
+
+        datasets = []
+        for path in files:
+            try:
+                datasets.append(dcmread(path))
+            except (OSError, ValueError) as exc:
+                raise ExportError(f"{url}: cannot read result file {path.name} ({exc})") from None
+        sent = [str(ds.SOPInstanceUID) for ds in datasets]
+        client = DICOMwebClient(url=url, timeout=float(self.settings.network_timeout))
+        client.set_http_retry_params(retry=False)  # the export queue retries, with backoff
+        try:
+            answer = client.store_instances(datasets)
+        except requests.HTTPError as exc:
+            code = exc.response.status_code if exc.response is not None else "?"
+            raise ExportError(f"{url}: STOW-RS answered HTTP {code}") from None
+        except requests.RequestException as exc:
+            raise ExportError(f"{url}: cannot connect ({type(exc).__name__})") from None
+        failed = [
+            f"{i.get('ReferencedSOPInstanceUID', '?')} (0x{int(i.get('FailureReason', 0)):04X})"
+            for i in answer.get("FailedSOPSequence", [])
+        ]
+        if failed:
+            raise ExportError(f"{url}: STOW-RS failed for SOP {', '.join(failed[:3])}")
+        if "ReferencedSOPSequence" in answer:
+            stored = {
+                str(i.get("ReferencedSOPInstanceUID", "")) for i in answer.ReferencedSOPSequence
+            }
+            missing = [uid for uid in sent if uid not in stored]
+            if missing:
+                raise ExportError(f"{url}: STOW-RS did not reference SOP {missing[0]}")

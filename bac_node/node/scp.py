@@ -73,7 +73,7 @@ from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from bac_node.config import Settings, parse_destination, parse_peer
+from bac_node.config import Settings, is_dicomweb_destination, parse_destination, parse_peer
 from bac_node.errors import BacNodeError
 from bac_node.node.store import (
     CANNOT_UNDERSTAND,
@@ -157,7 +157,11 @@ class CallingAllowlist:
     def from_settings(
         cls, settings: Settings, resolve: Resolver = resolve_host
     ) -> CallingAllowlist:
-        any_host = {parse_destination(text).ae_title for text in settings.destinations}
+        any_host = {
+            parse_destination(text).ae_title
+            for text in settings.destinations
+            if not is_dicomweb_destination(text)  # a DICOMweb URL has no AE title
+        }
         by_address: dict[str, set[str]] = {}
         for entry in settings.allowed_peers:
             ae_title, host = parse_peer(entry)

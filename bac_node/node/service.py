@@ -86,6 +86,13 @@ class Node:
         self.scheduler = NodeScheduler(self.settings, self.db, exporter=self.exporter)
         self.store = InstanceStore(self.settings, self.db)
         self.scp = start_scp(self.settings, self.store, host=self.host, port=self.port)
+        if self.settings.http_port >= 0:  # -1: no HTTP interface (bac_node.node.http)
+            from bac_node.node.http import start_http
+
+            self.http = start_http(
+                self.settings, self.db, self.store, host=self.host,
+                model_problem=self._model_problem,
+            )  # fmt: skip
         self.scheduler.start()
         for thread in self._threads:
             thread.start()
@@ -99,6 +106,22 @@ class Node:
     def bound_port(self) -> int:
         return int(self.scp.port)
 
+    @property
+    def http_port(self) -> int | None:
+        """The HTTP interface's port (the one chosen when ``http_port`` is 0); None if off."""
+        return self.http.port if hasattr(self, "http") else None
+
+    def _model_problem(self) -> str | None:
+        """For /readyz: None when this process's workers have their model and are alive."""
+        if not self.workers:
+            return None  # receive-and-export only: workers run elsewhere
+        if self.predictor is None:
+            return "model not loaded"
+        started = [t for t in self._threads if t.ident is not None]
+        if started and not all(t.is_alive() for t in started) and not self._stop.is_set():
+            return "a worker thread has died"
+        return None
+
     def stop(self, timeout: float = 60.0) -> None:
         """Stop accepting, finish in-flight stores, finish or release jobs, then stop."""
         from bac_node.node.queue import release_jobs
@@ -107,6 +130,8 @@ class Node:
         # start() may have failed part way (a port in use): stop what did start.
         if hasattr(self, "scp"):
             self.scp.shutdown()
+        if hasattr(self, "http"):
+            self.http.shutdown()  # STOW-RS requests in flight finish their stores first
         self._stop.set()
         for thread in self._threads:
             if thread.is_alive():
