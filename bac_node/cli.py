@@ -17,7 +17,14 @@ from typing import Any
 import click
 
 from bac_node import __version__
-from bac_node.config import Settings, Source, load_settings, setting_help, shown
+from bac_node.config import (
+    SECRET_SETTINGS,
+    Settings,
+    Source,
+    load_settings,
+    setting_help,
+    shown,
+)
 from bac_node.errors import BacNodeError, ConfigError
 
 #: glibc keeps large tensors mapped instead of unmapping them after every use: 2-3x
@@ -129,6 +136,9 @@ def settings_command(obj: _Context, config_file: Path | None, as_json: bool) -> 
     if config_file is not None:
         settings, sources = load_settings(config_file=config_file, cli=obj.cli_values)
     values = {name: shown(getattr(settings, name)) for name in sources}
+    for name in SECRET_SETTINGS:  # tokens are secrets: say how many, never which
+        if getattr(settings, name):
+            values[name] = f"({len(getattr(settings, name))} set, not shown)"
     if as_json:
         click.echo(
             json.dumps({n: {"value": v, "source": sources[n]} for n, v in values.items()}, indent=1)
@@ -273,6 +283,58 @@ def serve(obj: _Context, host: str, workers: int) -> None:
 
 
 @cli.command()
+@click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path),
+              help="Orthanc's storage and the node's data (default: DATA_DIR/viewer).")  # fmt: skip
+@click.option("--http-port", type=int, default=3000, show_default=True, help="OHIF's port.")
+@click.option("--orthanc-http-port", type=int, default=8042, show_default=True)
+@click.option("--orthanc-dicom-port", type=int, default=4242, show_default=True)
+@click.option("--stable-age", type=click.IntRange(min=1),
+              help="Seconds before Orthanc routes a study (default: orthanc.json's).")  # fmt: skip
+@click.option("--sample/--no-sample", default=True, show_default=True,
+              help="Upload ./sample_dicom to Orthanc once everything is up.")  # fmt: skip
+@pass_context
+def viewer(
+    obj: _Context,
+    directory: Path | None,
+    http_port: int,
+    orthanc_http_port: int,
+    orthanc_dicom_port: int,
+    stable_age: int | None,
+    sample: bool,
+) -> None:
+    """Orthanc + OHIF + bac-node on this machine in one step; prints the viewer's URL.
+
+    Orthanc (Debian's, with deploy/orthanc/) routes each stable MG study to the node,
+    which sends its SEG and SR back; OHIF (npm ci --prefix deploy/ohif) shows them.
+    Runs until Ctrl-C. Research use only.
+    """
+    tune_allocator()
+    from bac_node.viewer import run_viewer
+
+    ports = {"http_port": http_port, "orthanc_http_port": orthanc_http_port,
+             "orthanc_dicom_port": orthanc_dicom_port}  # fmt: skip
+    run_viewer(
+        obj.settings, directory or obj.settings.data_dir / "viewer",
+        sample_dir=SAMPLE_DIR if sample else None, ports=ports, stable_age=stable_age,
+        echo=click.echo,
+    )  # fmt: skip
+
+
+@cli.command()
+@click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write it here (deploy/openapi.json is the committed copy).")  # fmt: skip
+def openapi(out: Path | None) -> None:
+    """Print the OpenAPI description of the HTTP interface (`serve` with `http_port`)."""
+    from bac_node.node.http import openapi_document, write_openapi
+
+    if out is None:
+        click.echo(json.dumps(openapi_document(), indent=2))
+    else:
+        write_openapi(out)
+        click.echo(f"wrote {out}")
+
+
+@cli.command()
 @click.option("--count", type=click.IntRange(min=1), default=1, show_default=True,
               help="Worker threads in this process.")  # fmt: skip
 @pass_context
@@ -382,7 +444,7 @@ def analyze(
 
     device = device_option or obj.settings.device
     predictor, card, untrained = load_predictor(
-        str(model_path) if model_path else None, device=device
+        str(model_path) if model_path else None, device=device, backend=obj.settings.backend
     )
     if untrained:
         click.echo(
@@ -445,6 +507,113 @@ def train(config_path: Path, out: Path) -> None:
 
     final = run_training(config_path, out)
     click.echo(f"model: {final}")
+
+
+@cli.command()
+@click.option(
+    "--model",
+    "model_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The bac-node .safetensors model to evaluate (default: the one shipped).",
+)
+@click.option(
+    "--compare",
+    "compare_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A second model: paired bootstrap of the Jaccard difference MODEL - COMPARE.",
+)
+@click.option(
+    "--data",
+    "data_path",
+    type=click.Path(exists=True, path_type=Path),
+    required=True,
+    help="A labelled folder (bac-node synth output or your own, see training/datasets.py) "
+    "or its manifest.csv / manifest.json.",
+)
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Writes report.html, metrics.json, metrics.csv, images.csv, studies.csv, masks/.",
+)
+@click.option("--resamples", type=click.IntRange(min=100), default=10_000, show_default=True,
+              help="Paired bootstrap resamples (by patient) of the Jaccard gain.")  # fmt: skip
+@click.option("--interval-resamples", type=click.IntRange(min=100), default=5_000,
+              show_default=True, help="Bootstrap resamples of the other intervals.")  # fmt: skip
+@click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap seed.")
+@click.option(
+    "--device",
+    "device_option",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    help="Where the model runs (default: the `device` setting).",
+)
+@pass_context
+def evaluate(
+    obj: _Context,
+    model_path: Path | None,
+    compare_path: Path | None,
+    data_path: Path,
+    out: Path,
+    resamples: int,
+    interval_resamples: int,
+    seed: int,
+    device_option: str | None,
+) -> None:
+    """Evaluate a model on a labelled set: the source study's tables, with intervals.
+
+    Runs the analysis as the node does on every study, scores pixels (per image and
+    pooled), grades (kappa, confusion, Bland-Altman, Grade 3 ROC), per grade and per
+    vendor, and writes a self-contained HTML report with JSON and CSV of every number.
+    Research use only. Not for clinical use.
+    """
+    tune_allocator()
+    import shlex
+
+    from bac_node.evaluate import ModelSource
+    from bac_node.evaluate import evaluate as run_evaluation
+    from bac_node.evaluate.data import load_labelled_set
+    from bac_node.evaluate.report import render_report
+
+    data = load_labelled_set(data_path)  # a bad manifest fails before any model loads
+    # The command as it could be typed again (recorded in the report and the JSON).
+    command = ["bac-node", "evaluate"]
+    command += ["--model", str(model_path)] if model_path else []
+    command += ["--compare", str(compare_path)] if compare_path else []
+    command += ["--data", str(data_path), "--out", str(out), "--seed", str(seed)]
+    command += ["--resamples", str(resamples), "--interval-resamples", str(interval_resamples)]
+
+    if obj.sources["log_level"] == "default":
+        # One line per image would bury the progress bar; `--log-level INFO` shows them.
+        logging.getLogger("bac_node.analysis").setLevel(logging.WARNING)
+    device = device_option or obj.settings.device
+    sources = [ModelSource.load(model_path, device)]
+    if compare_path is not None:
+        sources.append(ModelSource.load(compare_path, device))
+    for source in sources:
+        if source.untrained:
+            click.echo(f"Warning: {source.label} is untrained: its figures mean nothing.", err=True)
+    result = run_evaluation(
+        data, sources, out, resamples=resamples, interval_resamples=interval_resamples,
+        seed=seed, command=shlex.join(command),
+    )  # fmt: skip
+    report = render_report(result)
+    for model in result.doc["models"]:
+        s = model["strata"]["all"]
+        g = s["grades"]
+        click.echo(
+            f"{model['label']}: Jaccard per-image mean {s['per_image_mean']['jaccard']:.3f} "
+            f"pooled {s['pooled']['jaccard']:.3f}, Dice {s['per_image_mean']['dice']:.3f} / "
+            f"{s['pooled']['dice']:.3f}, kappa {g['quadratic_weighted_kappa']['value']:.3f}, "
+            f"Grade 3 sens {g['grade3']['sensitivity']:.2f} spec {g['grade3']['specificity']:.2f}"
+        )
+    if "comparison" in result.doc:
+        d = result.doc["comparison"]["strata"]["all"]["pooled_jaccard_difference"]
+        click.echo(
+            f"pooled Jaccard difference {d['value']:+.4f} "
+            f"(95 % CI {d['ci95_low']:+.4f} to {d['ci95_high']:+.4f})"
+        )
+    click.echo(f"report: {report}")
 
 
 def main(argv: list[str] | None = None) -> int:

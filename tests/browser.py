@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +33,11 @@ def chromium_path() -> str:
     pytest.skip(message)
 
 
+#: Software WebGL (SwiftShader) for headless Chromium without a GPU: what OHIF's
+#: cornerstone viewports need to render.
+WEBGL_ARGS = ("--enable-unsafe-swiftshader", "--use-angle=swiftshader", "--ignore-gpu-blocklist")
+
+
 @dataclass
 class View:
     """A loaded page and what went wrong while it loaded (one line each)."""
@@ -49,18 +54,22 @@ def open_page(
     height: int = 800,
     extra_headers: dict[str, str] | None = None,
     timeout_ms: int = 60_000,
+    args: Sequence[str] = (),
 ) -> Iterator[View]:
     """A Playwright page with ``url`` loaded (``load`` fired and the network idle).
 
     Console errors, page errors and failed requests are collected on ``View.errors`` so a
-    test can assert the page loaded cleanly.
+    test can assert the page loaded cleanly. ``args`` are more Chromium flags (a WebGL
+    page such as OHIF needs ``WEBGL_ARGS``).
     """
     from playwright.sync_api import sync_playwright
 
     executable = chromium_path()
     with sync_playwright() as playwright:
         # --no-sandbox: CI runs as root, where Chromium's sandbox refuses to start.
-        browser = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        browser = playwright.chromium.launch(
+            executable_path=executable, args=["--no-sandbox", *args]
+        )
         try:
             context = browser.new_context(
                 viewport={"width": width, "height": height}, extra_http_headers=extra_headers

@@ -25,6 +25,7 @@ __all__ = [
     "BREAST",
     "CARDIOVASCULAR_RISK_FLAG",
     "CARDIOVASCULAR_RISK_FLAG_NUMBER",
+    "COMMENT",
     "DCM",
     "GRADE_CODES",
     "LEFT_BREAST",
@@ -77,6 +78,8 @@ SCREENING_MAMMOGRAPHY = Code("24623002", SCT, "Screening mammography")
 QUALITATIVE_EVALUATIONS = Code("C0034375", UMLS, "Qualitative Evaluations")
 #: Private: TEXT item names for the disclaimer and for images that were not analysed.
 RESEARCH_USE_ONLY = Code("BAC-RUO", PRIVATE, "Research use only")
+#: DCM; the per-view group's one-line summary, which OHIF shows as its measurement label.
+COMMENT = Code("121106", DCM, "Comment")
 NOT_ANALYSED = Code("BAC-NOT-ANALYSED", PRIVATE, "Not analysed")
 
 # --- SR: measurements (TID 300 concept names) ----------------------------------------

@@ -9,11 +9,15 @@ values). Per-side and study summaries are TID 1501 groups without an image regio
 container holds the "research use only" text and one text per input not analysed.
 
 The BAC area NUM of each image names its SEG as "Source of Measurement" (segment 1),
-so a reader can go from the number to the pixels it counts.
+so a reader can go from the number to the pixels it counts. For OHIF 3.13's measurement
+panel, that NUM also carries the region (INFERRED FROM) and each view group a "Comment"
+with its one-line summary (:func:`_for_ohif_measurement_panel`; checked in a browser by
+tests/test_viewing.py).
 """
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -206,7 +210,7 @@ def _image_group(
             referenced_sop_instance_uid=source.SOPInstanceUID,
         ),
     )
-    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+    group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=derived_uid(source.SOPInstanceUID, model_version, "sr", "roi"),
             identifier=f"BAC {image.laterality} {image.view}",
@@ -218,6 +222,38 @@ def _image_group(
         measurements=measurements,
         qualitative_evaluations=evaluations,
     )
+    _for_ohif_measurement_panel(group, region, image)
+    return group
+
+
+def _for_ohif_measurement_panel(
+    group: hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations,
+    region: hd.sr.ImageRegion,
+    image: ImageMeasurement,
+) -> None:
+    """What OHIF 3.13's SR adapter needs to put the group in its measurement panel.
+
+    It takes the region from the group's *first* NUM item (TID 300 style, INFERRED FROM
+    SCOORD), not from the group's Image Region, and the label from a "Comment" text
+    item: without them the report draws in OHIF's SR viewport but its measurement panel
+    stays empty (tests/test_viewing.py). Both are additions; the TID 1410 content stays.
+    """
+    burden = image.burden
+    flag = ", Grade 3 flag" if burden.cardiovascular_flag else ""
+    comment = hd.sr.TextContentItem(
+        name=concepts.coded(concepts.COMMENT),
+        value=f"BAC {burden.area_percent:.2f} % of breast, grade {int(burden.grade)}{flag} "
+        f"({image.laterality} {image.view})",
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    content = group[0].ContentSequence
+    first_num = next(item for item in content if item.ValueType == "NUM")
+    inferred = copy.deepcopy(region)
+    inferred.RelationshipType = hd.sr.RelationshipTypeValues.INFERRED_FROM.value
+    if "ContentSequence" not in first_num:
+        first_num.ContentSequence = hd.sr.ContentSequence([], is_root=False)
+    first_num.ContentSequence.append(inferred)
+    content.append(comment)
 
 
 def _side_group(
