@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,18 +44,6 @@ from bac_node.evaluate.report import render_report
 from bac_node.evaluate.sources import truth_masks
 from bac_node.grading import Burden, grade_from_area_percent, study_grade
 from training.ship import heldout_metrics
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One torch thread: the machine is shared (two threads thrash under load)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 SKLEARN = {
     "jaccard": jaccard_score,

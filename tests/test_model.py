@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -43,15 +42,6 @@ from bac_node.model import (
 
 #: A small U-Net that keeps these tests fast (2.3 M parameters, stride 8).
 SMALL = ModelConfig(encoder_depth=3, decoder_channels=(32, 16, 8))
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Keep torch to one thread (the machine is shared) and restore the setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def smooth_canvas(rows: int, cols: int, seed: int = 0) -> NDArray[np.float32]:

@@ -7,7 +7,6 @@ Runtime; its tiled, blended probabilities must match the torch predictor's withi
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,14 +26,6 @@ from bac_node.node.db import open_database
 from bac_node.node.worker import Worker
 
 PARITY = 1e-3
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

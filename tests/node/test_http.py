@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import ssl
 import subprocess
 import sys
@@ -30,6 +29,7 @@ import httpx
 import pydicom
 import pytest
 from _processing_helpers import sample_study, save_tiny_model
+from _serve import Serve
 from peers import Orthanc, PeerError, free_port
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
@@ -57,49 +57,33 @@ DICOM_PARTS = f'multipart/related; type="application/dicom"; boundary="{BOUNDARY
 # --- the node ------------------------------------------------------------------------------
 
 
-class HttpNode:
-    """`bac-node serve` with its HTTP interface on a free loopback port."""
+class HttpNode(Serve):
+    """`bac-node serve` (tests/node/_serve.py) with its HTTP interface on a free port."""
 
     def __init__(self, data_dir: Path, model: Path | None, destination: str) -> None:
-        self.data_dir = data_dir
         self.http_port = free_port()
         self.url = f"http://127.0.0.1:{self.http_port}"
-        self.log = data_dir.parent / "serve.log"
         digest = hashlib.sha256(HASHED_TOKEN.encode()).hexdigest()
-        self.env = dict(
-            os.environ,
-            BAC_NODE_ALLOCATOR_TUNED="1",
-            BAC_NODE_MODEL=str(model or ""),  # empty: the shipped model
-            BAC_NODE_DEVICE="cpu",
-            BAC_NODE_MIN_FREE_MB="1",
-            BAC_NODE_NETWORK_TIMEOUT="10",
-            BAC_NODE_STABLE_AFTER="3",
-            BAC_NODE_EXPORT_BACKOFF="1",
-            BAC_NODE_EXPORT_BACKOFF_CAP="2",
-            BAC_NODE_DESTINATIONS=destination,
-            BAC_NODE_HTTP_PORT=str(self.http_port),
-            BAC_NODE_HTTP_HOST="127.0.0.1",
-            BAC_NODE_HTTP_TOKENS=f"{TOKEN},sha256:{digest}",
-            BAC_NODE_HTTP_MAX_REQUEST_MB=str(MAX_REQUEST_MB),
-        )
-        self.process: subprocess.Popen[bytes] | None = None
+        super().__init__(
+            data_dir, model, destinations=destination, http_port=self.http_port,
+            http_host="127.0.0.1", http_tokens=f"{TOKEN},sha256:{digest}",
+            http_max_request_mb=MAX_REQUEST_MB,
+        )  # fmt: skip
         self.client = httpx.Client(base_url=self.url, timeout=60, trust_env=False)
 
     def start(self) -> HttpNode:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "bac_node", "--data-dir", str(self.data_dir),
-                 "--port", str(free_port()), "serve", "--host", "127.0.0.1"],
-                env=self.env, stdout=log, stderr=subprocess.STDOUT,
-            )  # fmt: skip
+        super().start()
+        return self
+
+    def wait_ready(self) -> None:
+        """Until /healthz answers (the DICOM port opens before the HTTP one)."""
         deadline = time.monotonic() + 120
         while True:
-            if self.process.poll() is not None:
+            if not self.alive():
                 raise PeerError(f"serve exited while starting:\n{self.tail()}")
             try:
                 if self.client.get("/healthz").status_code == 200:
-                    return self
+                    return
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
@@ -108,20 +92,7 @@ class HttpNode:
 
     def stop(self) -> int:
         self.client.close()
-        if self.process is None or self.process.poll() is not None:
-            return self.process.returncode if self.process else 0
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(60)
-        except subprocess.TimeoutExpired:
-            self.process.send_signal(signal.SIGUSR1)  # the node dumps its threads' stacks
-            time.sleep(2)
-            self.process.kill()
-            self.process.wait(30)
-            pytest.fail(f"serve did not stop within 60 s of SIGTERM:\n{self.tail(20000)}")
-
-    def tail(self, chars: int = 4000) -> str:
-        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
+        return super().stop()
 
     def get(self, path: str, token: str | None = TOKEN) -> httpx.Response:
         return self.client.get(path, headers=auth(token))

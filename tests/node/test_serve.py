@@ -9,10 +9,6 @@ in the node's database), never on fixed sleeps alone.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,90 +17,17 @@ from typing import Any
 import pydicom
 import pytest
 from _processing_helpers import sample_study, save_tiny_model
-from peers import Orthanc, StoreSCP, dciodvfy_errors, free_port, storescu, wait_for_port
+from _serve import NODE_AE, Serve
+from peers import Orthanc, StoreSCP, dciodvfy_errors, free_port, storescu
 
 pytestmark = [pytest.mark.dcmtk, pytest.mark.slow]
 
-NODE_AE = "BACNODE"
 SENDER_AE = "STORESCU"
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("model") / "tiny.safetensors")
-
-
-class Serve:
-    """A `bac-node serve` subprocess on a free loopback port."""
-
-    def __init__(self, data_dir: Path, model: Path, **settings: Any) -> None:
-        self.data_dir, self.port = data_dir, free_port()
-        self.env = dict(
-            os.environ,
-            BAC_NODE_ALLOCATOR_TUNED="1",
-            BAC_NODE_MODEL=str(model),
-            BAC_NODE_DEVICE="cpu",
-            BAC_NODE_MIN_FREE_MB="1",
-            BAC_NODE_NETWORK_TIMEOUT="10",
-            BAC_NODE_STABLE_AFTER="3",
-            BAC_NODE_EXPORT_BACKOFF="1",
-            BAC_NODE_EXPORT_BACKOFF_CAP="2",
-            **{f"BAC_NODE_{k.upper()}": str(v) for k, v in settings.items()},
-        )
-        self.log = data_dir.parent / f"{data_dir.name}-serve.log"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Serve:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "bac_node", "--data-dir", str(self.data_dir),
-                 "--port", str(self.port), "--ae-title", NODE_AE, "serve", "--host", "127.0.0.1"],
-                env=self.env, stdout=log, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        wait_for_port("127.0.0.1", self.port, timeout=120, alive=self.alive)
-        return self
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def kill9(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(30)
-
-    def stop(self) -> int:
-        if self.process is None or self.process.poll() is not None:
-            return self.process.returncode if self.process else 0
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(60)
-        except subprocess.TimeoutExpired:
-            self.process.send_signal(signal.SIGUSR1)  # the node dumps its threads' stacks
-            time.sleep(2)
-            self.process.kill()
-            self.process.wait(30)
-            pytest.fail(f"serve did not stop within 60 s of SIGTERM:\n{self.tail(20000)}")
-
-    def status(self) -> dict[str, Any]:
-        """`bac-node status --json`, with the zero counts left out."""
-        doc = dict(json.loads(self.cli("status", "--json").stdout))
-        doc["counts"] = {
-            table: {state: n for state, n in by_state.items() if n}
-            for table, by_state in doc["counts"].items()
-        }
-        return doc
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
-            [sys.executable, "-m", "bac_node", "--data-dir", str(self.data_dir), *args],
-            env=self.env, capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
-        assert result.returncode == 0, result.stderr
-        return result
-
-    def tail(self, chars: int = 4000) -> str:
-        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
 
 
 @pytest.fixture

@@ -1,11 +1,10 @@
-"""Fixtures every node test shares: one torch thread, and the tiny test model."""
+"""Fixtures every test shares: one torch thread, and the tiny test model of the node tests."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
 import pytest
-import torch
 from _processing_helpers import save_tiny_model
 
 from bac_node.model.inference import Predictor, load_predictor
@@ -13,8 +12,16 @@ from bac_node.model.weights import ModelCard
 
 
 @pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One torch thread: the machine is shared, and the canvases are tiny."""
+def one_torch_thread() -> Iterator[None]:
+    """Keep torch to one thread in every test and restore the setting afterwards.
+
+    The test machines are shared 2-core boxes: with two threads each, torch's spinning
+    OpenMP workers thrash under load (a tiny study took 28 s instead of 1.9 s), and the
+    canvases of the tests are small enough that one thread loses nothing. (Subprocesses
+    and ONNX Runtime sessions set their own threads.)
+    """
+    import torch
+
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -23,7 +30,7 @@ def _one_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Predictor, ModelCard]:
-    """The tiny test model, loaded once per module."""
+    """The tiny test model (tests/node/_processing_helpers.py), loaded once per module."""
     path = save_tiny_model(tmp_path_factory.mktemp("model") / "tiny.safetensors")
     predictor, card, _ = load_predictor(str(path), device="cpu")
     return predictor, card
