@@ -400,6 +400,15 @@ def retry(obj: _Context, study_uid: str | None, dead_letter: bool) -> None:
     click.echo(f"{count} item(s) queued again")
 
 
+#: ``--device`` of the commands that run a model (``analyze``, ``evaluate``).
+device_option = click.option(
+    "--device",
+    "device_option",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    help="Where the model runs (default: the `device` setting).",
+)
+
+
 @cli.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option(
@@ -415,12 +424,7 @@ def retry(obj: _Context, study_uid: str | None, dead_letter: bool) -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="A bac-node .safetensors model (default: the one shipped in the package).",
 )
-@click.option(
-    "--device",
-    "device_option",
-    type=click.Choice(["auto", "cpu", "cuda"]),
-    help="Where the model runs (default: the `device` setting).",
-)
+@device_option
 @pass_context
 def analyze(
     obj: _Context,
@@ -542,12 +546,7 @@ def train(config_path: Path, out: Path) -> None:
 @click.option("--interval-resamples", type=click.IntRange(min=100), default=5_000,
               show_default=True, help="Bootstrap resamples of the other intervals.")  # fmt: skip
 @click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap seed.")
-@click.option(
-    "--device",
-    "device_option",
-    type=click.Choice(["auto", "cpu", "cuda"]),
-    help="Where the model runs (default: the `device` setting).",
-)
+@device_option
 @pass_context
 def evaluate(
     obj: _Context,
