@@ -446,6 +446,7 @@ if _log:
             "argv": sys.orig_argv[1:],
             "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES"),
             "guard": os.environ.get("BAC_NODE_ALLOCATOR_TUNED"),
+            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
         }) + "\\n")
 """
 
@@ -457,6 +458,7 @@ def test_heavy_command_reexecs_with_glibc_tunables(cwd: Path, tmp_path: Path) ->
     (hook / "sitecustomize.py").write_text(SITECUSTOMIZE, encoding="utf-8")
     log = tmp_path / "starts.jsonl"
     env = clean_env({"BAC_NODE_TEST_START_LOG": str(log)}, tuned=False)
+    env.pop("OMP_WAIT_POLICY", None)
     env["PYTHONPATH"] = os.pathsep.join([str(hook), env["PYTHONPATH"]])
     args = ["synth", "--studies", "1", "--scale", "0.02", "--no-contact-sheet", "--out", "o"]
 
@@ -466,9 +468,11 @@ def test_heavy_command_reexecs_with_glibc_tunables(cwd: Path, tmp_path: Path) ->
     assert len(manifest_rows(cwd / "o")) == 4
     starts = [json.loads(line) for line in log.read_text().splitlines()]
     assert len(starts) == 2, starts  # the command, then its one re-exec
-    assert starts[0] == {"argv": ["-m", "bac_node", *args], "GLIBC_TUNABLES": None, "guard": None}
+    assert starts[0] == {"argv": ["-m", "bac_node", *args], "GLIBC_TUNABLES": None, "guard": None,
+                         "OMP_WAIT_POLICY": None}  # fmt: skip
+    # The re-exec also lets torch's idle OpenMP threads sleep (README, Performance).
     assert starts[1] == {"argv": ["-m", "bac_node", *args], "GLIBC_TUNABLES": GLIBC_TUNABLES,
-                         "guard": "1"}  # fmt: skip
+                         "guard": "1", "OMP_WAIT_POLICY": "PASSIVE"}  # fmt: skip
 
 
 # --- README -----------------------------------------------------------------------------
