@@ -591,9 +591,10 @@ def evaluate(
         # One line per image would bury the progress bar; `--log-level INFO` shows them.
         logging.getLogger("bac_node.analysis").setLevel(logging.WARNING)
     device = device_option or obj.settings.device
-    sources = [ModelSource.load(model_path, device)]
+    backend = obj.settings.backend  # the node's inference path (auto: ONNX on the CPU)
+    sources = [ModelSource.load(model_path, device, backend)]
     if compare_path is not None:
-        sources.append(ModelSource.load(compare_path, device))
+        sources.append(ModelSource.load(compare_path, device, backend))
     for source in sources:
         if source.untrained:
             click.echo(f"Warning: {source.label} is untrained: its figures mean nothing.", err=True)

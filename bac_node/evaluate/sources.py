@@ -74,12 +74,16 @@ class ModelSource:
         self.canvas_model = CanvasModel(card.input_spacing_mm, card.threshold)
 
     @classmethod
-    def load(cls, model_path: Path | None, device: str = "cpu") -> ModelSource:
-        """The model at ``model_path`` (the shipped one when None) on ``device``."""
+    def load(
+        cls, model_path: Path | None, device: str = "cpu", backend: str = "torch"
+    ) -> ModelSource:
+        """The model at ``model_path`` (the shipped one when None) on ``device``, run by
+        ``backend`` (``bac-node evaluate`` passes the ``backend`` setting, so the figures
+        are those of the node's own inference path)."""
         from bac_node.model.inference import load_predictor
 
         predictor, card, untrained = load_predictor(
-            str(model_path) if model_path else None, device=device
+            str(model_path) if model_path else None, device=device, backend=backend
         )
         return cls(predictor, card, untrained=untrained, model_path=model_path)
 

@@ -112,7 +112,7 @@ class Instance(Base):
     path: Mapped[str] = mapped_column(Text)
     size_bytes: Mapped[int] = mapped_column(Integer)
     sha256: Mapped[str] = mapped_column(String(64))
-    #: "dimse" or "stow"
+    #: "dimse" (C-STORE) or "dicomweb" (STOW-RS)
     protocol: Mapped[str] = mapped_column(String(8), default="dimse")
     calling_ae: Mapped[str] = mapped_column(String(16), default="")
     received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
