@@ -25,6 +25,7 @@ from bac_node.grading import BACGrade, Burden, study_grade
 from bac_node.imaging.breast import breast_mask, chest_wall_side, expected_chest_wall_side
 from bac_node.imaging.canvas import CanvasLayout, SourceGeometry, bilateral_layout
 from bac_node.imaging.display import presentation_pixels
+from bac_node.imaging.vessels import VesselMeasurement, measure_vessels
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,8 @@ class ImageResult:
     chest_wall: str
     orientation_corrected: bool
     paired: bool
+    vessels: VesselMeasurement = field(default_factory=VesselMeasurement.none)
+    """Calcified length, vessel count and longest vessel of ``bac_mask``."""
 
     @property
     def breast_box(self) -> tuple[int, int, int, int]:
@@ -77,6 +80,20 @@ class StudyResult:
     def sides(self) -> dict[str, Burden]:
         present = {r.image.laterality for r in self.images}
         return {lat: self.side(lat) for lat in ("R", "L") if lat in present}
+
+    @property
+    def side_vessels(self) -> dict[str, VesselMeasurement]:
+        """Each side's vessels from its views (mean length, max count: see
+        :mod:`bac_node.imaging.vessels`)."""
+        return {
+            lat: VesselMeasurement.side(r.vessels for r in self.images if r.image.laterality == lat)
+            for lat in self.sides
+        }
+
+    @property
+    def vessels(self) -> VesselMeasurement:
+        """The study's vessels: both sides added up."""
+        return VesselMeasurement.study(self.side_vessels.values())
 
     @property
     def grade(self) -> BACGrade:
@@ -168,10 +185,15 @@ def _analyse_group(
             int(np.count_nonzero(bac)), int(np.count_nonzero(breast)), image.pixel_spacing_mm
         )
         side = next(p.source.chest_wall for p in layout.placements if p.source.key == key)
-        results.append(ImageResult(image, bac, breast, burden, side, corrected[key], paired))
+        # Measured on the final mask at the image's own spacing (only its bounding box).
+        vessels = measure_vessels(bac, image.pixel_spacing_mm)
+        results.append(
+            ImageResult(image, bac, breast, burden, side, corrected[key], paired, vessels)
+        )
         log.info(
-            "%s %s-%s: BAC %.3f %% of breast (%d px)",
+            "%s %s-%s: BAC %.3f %% of breast (%d px), %.1f mm in %d vessels",
             key, image.laterality, image.view, burden.area_percent, burden.bac_pixels,
+            vessels.length_mm, vessels.vessel_count,
         )  # fmt: skip
     return results
 

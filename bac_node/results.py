@@ -26,6 +26,8 @@ from bac_node.model.weights import INTENDED_USE, ModelCard
 from bac_node.outputs.seg import build_bac_segmentation
 from bac_node.outputs.sr import (
     ImageMeasurement,
+    PriorComparison,
+    PriorLookup,
     SideMeasurement,
     StudySummary,
     breast_roi,
@@ -42,9 +44,18 @@ class StudyOutputs:
 
 
 def build_results(
-    result: StudyResult, card: ModelCard, *, content_datetime: dt.datetime | None = None
+    result: StudyResult,
+    card: ModelCard,
+    *,
+    content_datetime: dt.datetime | None = None,
+    prior: PriorLookup | None = None,
 ) -> StudyOutputs:
-    """SEG per analysed image, the study's SR and its JSON summary."""
+    """SEG per analysed image, the study's SR and its JSON summary.
+
+    ``prior`` (the node's prior lookup, priors on) adds the comparison with the prior
+    study to the SR and ``"prior"`` to the summary; None (priors off) adds neither.
+    """
+    comparison = prior_comparison(result, prior) if prior is not None else None
     when = content_datetime or dt.datetime.now().replace(microsecond=0)
     segmentations = []
     measurements = []
@@ -65,16 +76,70 @@ def build_results(
                 pixel_spacing_mm=image.image.pixel_spacing_mm,
                 roi=breast_roi(image.breast_mask),
                 segmentation=seg,
+                vessels=image.vessels,
             )
         )
-    sides = [SideMeasurement(lat, burden) for lat, burden in result.sides.items()]
+    side_vessels = result.side_vessels
+    sides = [
+        SideMeasurement(lat, burden, side_vessels[lat]) for lat, burden in result.sides.items()
+    ]
     report = build_measurement_report(
-        measurements, sides, StudySummary(result.grade), result.not_analysed,
+        measurements, sides, StudySummary(result.grade, result.vessels), result.not_analysed,
         model_name=card.name, model_version=card.version, content_datetime=when,
+        comparison=comparison,
     )  # fmt: skip
-    return StudyOutputs(
-        result, segmentations, report, summarize(result, card, segmentations, report)
+    summary = summarize(result, card, segmentations, report)
+    if comparison is not None:
+        summary["prior"] = prior_summary(comparison)
+    return StudyOutputs(result, segmentations, report, summary)
+
+
+def study_date(result: StudyResult) -> dt.date | None:
+    """The analysed study's Study Date (None when absent or not a valid DA)."""
+    for image in result.images:
+        text = str(image.image.dataset.get("StudyDate", "") or "").strip()
+        try:
+            return dt.datetime.strptime(text, "%Y%m%d").date()
+        except ValueError:
+            continue
+    return None
+
+
+def prior_comparison(result: StudyResult, lookup: PriorLookup) -> PriorComparison:
+    """The current study (area % of the higher side, grade) against ``lookup``'s prior."""
+    sides = [burden.area_percent for burden in result.sides.values()]
+    return PriorComparison(
+        lookup=lookup,
+        current_date=study_date(result),
+        current_area_percent=max(sides) if sides else 0.0,
+        current_grade=result.grade,
+        current_length_mm=result.vessels.length_mm,
     )
+
+
+def _mm(length: float | None) -> float | None:
+    return None if length is None else round(length, 2)
+
+
+def prior_summary(comparison: PriorComparison) -> dict[str, Any]:
+    """``summary.json``'s ``"prior"``: the comparison, or why there is none (UIDs only)."""
+    prior = comparison.prior
+    if prior is None:
+        return {"compared": False, "reason": comparison.lookup.reason}
+    return {
+        "compared": True,
+        "study_instance_uid": prior.study_instance_uid,
+        "study_date": prior.study_date.isoformat(),
+        "source": prior.source,
+        "interval_months": comparison.interval_months,
+        "area_percent": {
+            "prior": round(prior.area_percent, 5),
+            "current": round(comparison.current_area_percent, 5),
+        },
+        "grade": {"prior": int(prior.grade), "current": int(comparison.current_grade)},
+        "length_mm": {"prior": _mm(prior.length_mm), "current": _mm(comparison.current_length_mm)},
+        "progressed": comparison.progressed,
+    }
 
 
 def summarize(
@@ -83,7 +148,13 @@ def summarize(
     segmentations: Sequence[pydicom.Dataset],
     report: pydicom.Dataset,
 ) -> dict[str, Any]:
-    """The JSON summary of a study (UIDs only: no patient identifiers)."""
+    """The JSON summary of a study (UIDs only: no patient identifiers).
+
+    Beside each area %: ``bac_length_mm``, ``bac_vessel_count``, ``bac_longest_mm``
+    per image, per side and (``study_``-prefixed) per study; see
+    :mod:`bac_node.imaging.vessels` for the method and how views and sides pool.
+    """
+    side_vessels = result.side_vessels
     return {
         "study_instance_uid": result.study_instance_uid,
         "intended_use": INTENDED_USE,
@@ -103,6 +174,7 @@ def summarize(
                 "breast_area_mm2": round(r.burden.breast_mm2, 3),
                 "bac_area_percent": round(r.burden.area_percent, 5),
                 "grade": int(r.burden.grade),
+                **r.vessels.as_dict(),
                 "seg_sop_instance_uid": str(seg.SOPInstanceUID),
             }
             for r, seg in zip(result.images, segmentations, strict=True)
@@ -113,10 +185,12 @@ def summarize(
                 "breast_area_mm2": round(b.breast_mm2, 3),
                 "bac_area_percent": round(b.area_percent, 5),
                 "grade": int(b.grade),
+                **side_vessels[lat].as_dict(),
             }
             for lat, b in result.sides.items()
         },
         "study_grade": int(result.grade),
+        **{f"study_{k}": v for k, v in result.vessels.as_dict().items()},
         "cardiovascular_flag": cardiovascular_flag(result.grade),
         "not_analysed": [{"source": s, "reason": r} for s, r in result.not_analysed],
         "sr_sop_instance_uid": str(report.SOPInstanceUID),

@@ -338,8 +338,8 @@ def test_the_report_opens_in_chromium_with_every_image(known: dict[str, Any]) ->
 
     with open_page(known["report"].as_uri()) as view:
         assert broken_images(view.page) == [] and view.errors == []
-        # 4 plots, and best/median/worst of each of the 4 grades.
-        assert image_count(view.page) == 4 + 4 * 3
+        # 5 plots, and best/median/worst of each of the 4 grades.
+        assert image_count(view.page) == 5 + 4 * 3
         assert "bac-node evaluation" in view.page.title()
 
 
@@ -413,3 +413,39 @@ def test_cli_names_a_bad_data_path(
     assert main(["evaluate", "--data", str(other), "--out", str(tmp_path / "o")]) == 1
     error = capsys.readouterr().err.strip()
     assert error.startswith("Error: ") and str(other) in error and "\n" not in error
+
+
+def test_length_agreement_is_in_the_json_csv_and_report(
+    known: dict[str, Any], tiny_set: Path
+) -> None:
+    """The vessels figures: the oracle's measured length is that of the true masks, the
+    set's truth is the manifest's, and the source that misses a vessel measures less."""
+    from bac_node.imaging.vessels import measure_vessels
+
+    rows = _manifest(tiny_set)
+    oracle, missing = (m["vessels"] for m in known["doc"]["models"])
+    true_total = sum(float(r["true_bac_length_mm"]) for r in rows)
+    assert oracle["images_with_true_length"] == 16
+    assert oracle["length_vs_true"]["true_total_mm"] == pytest.approx(true_total)
+    assert oracle["vessel_count_vs_true"]["images"] == 16
+    labelled = LabelledSet(tiny_set, [])
+    by_uid = {r["sop_instance_uid"]: r for r in rows}
+    images = [r for r in _read_csv(known["out"] / "images.csv") if r["model"] == "oracle"]
+    for image in images:
+        row = by_uid[image["sop_instance_uid"]]
+        spacing = float(row["pixel_spacing_mm"])
+        expected = measure_vessels(labelled.load_mask(row["bac_mask"]), (spacing, spacing))
+        assert float(image["predicted_length_mm"]) == pytest.approx(expected.length_mm)
+        assert float(image["true_length_mm"]) == pytest.approx(float(row["true_bac_length_mm"]))
+    measured_totals = [m["length_vs_true"]["measured_total_mm"] for m in (missing, oracle)]
+    assert measured_totals[0] < measured_totals[1]
+    for model in (oracle, missing):
+        for key in ("length_vs_true", "length_vs_area_percent"):
+            for name in ("pearson", "spearman"):
+                assert -1.0 <= model[key][name] <= 1.0, (key, name)
+    metrics = {
+        r["metric"] for r in _read_csv(known["out"] / "metrics.csv") if r["model"] == "oracle"
+    }
+    assert {"vessels_length_vs_true_spearman", "vessels_length_vs_area_percent_pearson"} <= metrics
+    page = known["report"].read_text()
+    assert "alt='calcified length'" in page and "Length is reported beside the grade" in page

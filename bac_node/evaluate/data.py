@@ -8,7 +8,8 @@ same layout, documented in :mod:`training.datasets`: a ``manifest.csv`` or
 ``vendor`` (the vendor strata; "unknown" otherwise), ``breast_mask`` (the true breast:
 true BAC area % is measured over it; without it over the node's own breast mask) and
 ``study_grade`` (the reference grade, e.g. an expert consensus; without it the grade of
-the true area %).
+the true area %), ``true_bac_length_mm`` and ``true_vessel_count`` (the phantom's true
+calcified length and vessel count of the image: the length agreement).
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ class LabelledImage:
     presentation_intent: str
     bac_mask: str
     breast_mask: str | None
+    true_length_mm: float | None = None
+    """True calcified length (``true_bac_length_mm``, phantoms), when the manifest has it."""
+    true_vessel_count: int | None = None
 
     @property
     def key(self) -> str:
@@ -110,6 +114,15 @@ def _grade(value: Any, where: str) -> int | None:
     return grade
 
 
+def _optional(value: Any, kind: type[float] | type[int], where: str) -> Any:
+    if value is None or value == "":
+        return None
+    try:
+        return kind(value)
+    except ValueError:
+        raise BacNodeError(f"{where}: {value!r} is not a number") from None
+
+
 def load_labelled_set(data: Path) -> LabelledSet:
     """The studies of a labelled folder (or its manifest), in manifest order.
 
@@ -145,6 +158,8 @@ def load_labelled_set(data: Path) -> LabelledSet:
                 presentation_intent=str(row["presentation_intent"]).upper(),
                 bac_mask=str(row["bac_mask"]),
                 breast_mask=str(row["breast_mask"]) if row.get("breast_mask") else None,
+                true_length_mm=_optional(row.get("true_bac_length_mm"), float, where),
+                true_vessel_count=_optional(row.get("true_vessel_count"), int, where),
             )
         )
     if not studies:

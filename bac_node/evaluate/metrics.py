@@ -196,3 +196,19 @@ def bland_altman(reference: ArrayLike, measured: ArrayLike) -> dict[str, float]:
         "lower_loa": bias - 1.96 * sd,
         "upper_loa": bias + 1.96 * sd,
     }
+
+
+# --- agreement of continuous measurements ----------------------------------------------
+
+
+def correlations(x: ArrayLike, y: ArrayLike) -> dict[str, float]:
+    """Pearson's r and Spearman's rho of paired values (NaN with fewer than 3 pairs or
+    a constant side), and how many pairs."""
+    from scipy import stats
+
+    a, b = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    out = {"n": float(a.size), "pearson": math.nan, "spearman": math.nan}
+    if a.size >= 3 and np.ptp(a) > 0 and np.ptp(b) > 0:
+        out["pearson"] = float(stats.pearsonr(a, b)[0])
+        out["spearman"] = float(stats.spearmanr(a, b)[0])
+    return out

@@ -3,7 +3,8 @@
 Every plot is a PNG (overlays: JPEG) embedded as a ``data:`` URI, the style sheet is
 inline, nothing is fetched: the file can be mailed or opened offline. The first screen
 holds the source study's table with our figures beside it; then the plots (Grade 3
-ROC, grade confusion matrix, Bland-Altman of area %, per-vendor Jaccard), the strata
+ROC, grade confusion matrix, Bland-Altman of area %, per-vendor Jaccard, calcified
+length against the true length and against area %), the strata
 tables, the paired comparison, and example overlays (best, median and worst image of
 each true grade, by per-image Jaccard) of the first model.
 
@@ -133,6 +134,64 @@ def bland_altman_plot(result: SourceResult, model: dict[str, Any]) -> str:
            ylabel="predicted − reference (points of %)",
            title="Bland–Altman, BAC area % per breast")  # fmt: skip
     return _figure_uri(fig)
+
+
+def vessel_plot(result: SourceResult, model: dict[str, Any]) -> str:
+    """Per image: measured calcified length against the true one (when the set has it)
+    and against the predicted area %."""
+    plt = _pyplot()
+    vessels = model.get("vessels", {})
+    with_truth = [i for i in result.images if i.true_length_mm is not None]
+    panels = 2 if with_truth else 1
+    fig, axes = plt.subplots(1, panels, figsize=(4.4 * panels, 3.8), squeeze=False)
+    if with_truth:
+        ax = axes[0][0]
+        true = np.array([i.true_length_mm or 0.0 for i in with_truth])
+        found = np.array([i.predicted_vessels.length_mm for i in with_truth])
+        ax.scatter(true, found, s=12, alpha=0.7)
+        top = float(max(true.max(initial=1.0), found.max(initial=1.0)))
+        ax.plot([0, top], [0, top], ":", color="grey", linewidth=0.8)
+        agreement = vessels.get("length_vs_true", {})
+        ax.set(xlabel="true calcified length (mm)", ylabel="measured length (mm)",
+               title=f"Length per image: Pearson {_fmt(agreement.get('pearson'), 2)}, "
+               f"Spearman {_fmt(agreement.get('spearman'), 2)}")  # fmt: skip
+        ax.title.set_fontsize(9)
+    ax = axes[0][panels - 1]
+    ax.scatter([i.predicted_burden.area_percent for i in result.images],
+               [i.predicted_vessels.length_mm for i in result.images], s=12, alpha=0.7)  # fmt: skip
+    against_area = vessels.get("length_vs_area_percent", {})
+    ax.set(xlabel="predicted BAC area %", ylabel="measured length (mm)",
+           title=f"Length and area % per image: Pearson "
+           f"{_fmt(against_area.get('pearson'), 2)}, Spearman "
+           f"{_fmt(against_area.get('spearman'), 2)}")  # fmt: skip
+    ax.title.set_fontsize(9)
+    return _figure_uri(fig)
+
+
+def _vessel_note(model: dict[str, Any]) -> str:
+    """One line of the length figures under the plots."""
+    vessels = model.get("vessels", {})
+    parts = []
+    truth = vessels.get("length_vs_true")
+    if truth:
+        parts.append(
+            f"measured − true length: bias {_fmt(truth['bias_mm'], 1)} mm, median |relative "
+            f"error| {_fmt(truth['median_absolute_relative_error'], 3)}, within 10 % on "
+            f"{_fmt(truth['within_10_percent'], 2)} of {truth['images_from_10_mm']} images "
+            f"with ≥ 10 mm of true length"
+        )
+    count = vessels.get("vessel_count_vs_true")
+    if count:
+        parts.append(
+            f"vessel count exact on {_fmt(count['exact'], 2)} of {count['images']} images "
+            f"(mean difference {_fmt(count['mean_difference'], 2)})"
+        )
+    if not parts:
+        return ""
+    return (
+        f"<p class=note><b>Vessels ({_e(model['label'])}).</b> " + "; ".join(parts) + ". "
+        "Length is reported beside the grade; the grade stays area %.</p>"
+    )
 
 
 def vendor_plot(models: Sequence[dict[str, Any]]) -> str:
@@ -397,7 +456,10 @@ def render_report(evaluation: Evaluation) -> Path:
         f"<figure><img alt='ROC' src='{roc_plot(models)}'></figure>",
         f"<figure><img alt='confusion matrix' src='{confusion_plot(first)}'></figure>",
         f"<figure><img alt='Bland-Altman' src='{bland_altman_plot(results[0], first)}'></figure>",
-        f"<figure><img alt='per-vendor Jaccard' src='{vendor_plot(models)}'></figure></div>",
+        f"<figure><img alt='per-vendor Jaccard' src='{vendor_plot(models)}'></figure>",
+        f"<figure><img alt='calcified length' src='{vessel_plot(results[0], first)}'></figure>"
+        "</div>",
+        _vessel_note(first),
     ]
     for model in models:
         body.append(f"<h2>Strata: {_e(model['label'])}</h2>{_strata_tables(model)}")

@@ -14,6 +14,11 @@ it runs), measures every image against the truth, and summarises:
   of the continuous predicted study area % (bootstrap interval), sensitivity and
   specificity of the predicted Grade 3 (Wilson intervals);
 - **strata**: all of the above for every true study grade and every vendor;
+- **vessels** (:func:`vessel_agreement`): the calcified length, vessel count and
+  longest vessel measured on each predicted mask (:mod:`bac_node.imaging.vessels`)
+  against the phantom's true length and count when the manifest has them (Pearson,
+  Spearman, bias and relative error), and against the predicted area % (Pearson,
+  Spearman): length is reported beside the grade, which stays area %;
 - with two sources, the **paired bootstrap** (by patient) of the Jaccard difference
   ``first - second``, pooled and per-image mean, overall and in every stratum.
 
@@ -56,6 +61,7 @@ from bac_node.evaluate.metrics import (
     auc_pairwise,
     bland_altman,
     confusion_matrix,
+    correlations,
     mean_image_metrics,
     pooled_metrics,
     quadratic_kappa,
@@ -65,6 +71,7 @@ from bac_node.evaluate.metrics import (
 )
 from bac_node.evaluate.sources import ImagePrediction, PredictionSource
 from bac_node.grading import BACGrade, Burden, grade_from_area_percent, study_grade
+from bac_node.imaging.vessels import VesselMeasurement, measure_vessels
 
 SEVERE = int(BACGrade.SEVERE)
 DEFAULT_RESAMPLES = 10_000
@@ -89,6 +96,10 @@ class ImageRecord:
     counts: PixelCounts
     true_burden: Burden
     predicted_burden: Burden
+    predicted_vessels: VesselMeasurement = field(default_factory=VesselMeasurement.none)
+    true_length_mm: float | None = None
+    """The manifest's true calcified length (phantoms), else None."""
+    true_vessel_count: int | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -219,6 +230,8 @@ def _score_image(
     record = ImageRecord(
         study, "", "", -1, p.labelled.laterality, p.labelled.view, p.sop_instance_uid,
         p.labelled.file, p.labelled.bac_mask, relative, counts, true_burden, predicted_burden,
+        measure_vessels(p.bac, p.pixel_spacing_mm), p.labelled.true_length_mm,
+        p.labelled.true_vessel_count,
     )  # fmt: skip
     return record, true_burden, predicted_burden, p
 
@@ -353,6 +366,59 @@ def _grade_summary(
         **bland_altman(true_sides, predicted_sides),
     }
     return grades
+
+
+#: Images with less true calcified length than this (mm) are left out of the relative
+#: length error (a few pixels of a nearly empty image would dominate it).
+RELATIVE_ERROR_FROM_MM = 10.0
+
+
+def vessel_agreement(images: Sequence[ImageRecord]) -> dict[str, Any]:
+    """Measured length against the true length and count (images whose manifest has
+    them), and measured length against predicted area %, per image."""
+    measured = [i.predicted_vessels.length_mm for i in images]
+    out: dict[str, Any] = {
+        "images": len(images),
+        "length_vs_area_percent": correlations(
+            measured, [i.predicted_burden.area_percent for i in images]
+        ),
+    }
+    truth = [i for i in images if i.true_length_mm is not None]
+    out["images_with_true_length"] = len(truth)
+    if truth:
+        true = np.array([i.true_length_mm or 0.0 for i in truth])
+        found = np.array([i.predicted_vessels.length_mm for i in truth])
+        sized = true >= RELATIVE_ERROR_FROM_MM
+        relative = (found[sized] - true[sized]) / true[sized]
+        out["length_vs_true"] = {
+            **correlations(true, found),
+            "bias_mm": float(np.mean(found - true)),
+            "median_relative_error": float(np.median(relative)) if relative.size else math.nan,
+            "median_absolute_relative_error": float(np.median(np.abs(relative)))
+            if relative.size
+            else math.nan,
+            "within_10_percent": float(np.mean(np.abs(relative) <= 0.10))
+            if relative.size
+            else math.nan,
+            "images_from_10_mm": int(sized.sum()),
+            "true_total_mm": float(true.sum()),
+            "measured_total_mm": float(found.sum()),
+        }
+        out["true_length_vs_true_area_percent"] = correlations(
+            true, [i.true_burden.area_percent for i in truth]
+        )
+    counted = [i for i in images if i.true_vessel_count is not None]
+    if counted:
+        difference = np.array(
+            [i.predicted_vessels.vessel_count - (i.true_vessel_count or 0) for i in counted]
+        )
+        out["vessel_count_vs_true"] = {
+            "images": len(counted),
+            "exact": float(np.mean(difference == 0)),
+            "mean_difference": float(difference.mean()),
+            "mean_absolute_difference": float(np.abs(difference).mean()),
+        }
+    return out
 
 
 def compare(
@@ -490,6 +556,7 @@ def evaluate(
                     for s, what, why in result.not_analysed
                 ],
                 "strata": summaries,
+                "vessels": vessel_agreement(result.images),
             }
         )
     if len(results) == 2:
@@ -573,6 +640,10 @@ def metric_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
                 auc.get("ci95_high", ""))  # fmt: skip
             for key, value in g["area_percent_bland_altman_per_side"].items():
                 add(label, stratum, f"area_percent_bland_altman_{key}", value)
+        for part, values in model.get("vessels", {}).items():
+            if isinstance(values, dict):
+                for key, value in values.items():
+                    add(label, "all", f"vessels_{part}_{key}", value)
     if "comparison" in doc:
         c = doc["comparison"]
         label = f"{c['first']} - {c['second']}"
@@ -600,6 +671,11 @@ def write_tables(doc: dict[str, Any], results: Sequence[SourceResult], out: Path
                 **{m: v for m, v in i.counts.metrics().items()},
                 "true_area_percent": i.true_burden.area_percent,
                 "predicted_area_percent": i.predicted_burden.area_percent,
+                "true_length_mm": "" if i.true_length_mm is None else i.true_length_mm,
+                "predicted_length_mm": i.predicted_vessels.length_mm,
+                "true_vessel_count": "" if i.true_vessel_count is None else i.true_vessel_count,
+                "predicted_vessel_count": i.predicted_vessels.vessel_count,
+                "predicted_longest_mm": i.predicted_vessels.longest_mm,
                 "predicted_mask": i.predicted_mask,
             })  # fmt: skip
         for s in result.studies:

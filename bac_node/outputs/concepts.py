@@ -22,6 +22,9 @@ __all__ = [
     "BAC_AREA_PERCENT",
     "BAC_GRADE_NUMBER",
     "BAC_GRADE_SEVERITY",
+    "BAC_LENGTH",
+    "BAC_LONGEST_VESSEL",
+    "BAC_VESSEL_COUNT",
     "BREAST",
     "CARDIOVASCULAR_RISK_FLAG",
     "CARDIOVASCULAR_RISK_FLAG_NUMBER",
@@ -44,9 +47,11 @@ __all__ = [
     "SEVERE",
     "UCUM",
     "UNIT_GRADE",
+    "UNIT_MM",
     "UNIT_MM2",
     "UNIT_NONE",
     "UNIT_PERCENT",
+    "UNIT_VESSELS",
     "VASCULAR_CALCIFICATION",
     "YES",
     "Code",
@@ -94,6 +99,13 @@ AREA = Code("42798000", SCT, "Area")
 BAC_GRADE_NUMBER = Code("BAC-GRADE", PRIVATE, "BAC grade (0-3)")
 #: Private: the Grade 3 cardiovascular risk flag as a number 0/1, for the same reason.
 CARDIOVASCULAR_RISK_FLAG_NUMBER = Code("BAC-CV-FLAG-NUM", PRIVATE, "Grade 3 flag (0/1)")
+#: Private (no standard concept measures calcified vessel length; reported, not graded):
+#: total calcified length along the vessels' centrelines (bac_node.imaging.vessels), mm.
+BAC_LENGTH = Code("BAC-LENGTH", PRIVATE, "Calcified vessel length")
+#: Private: how many distinct calcified vessels (small gaps along one vessel bridged).
+BAC_VESSEL_COUNT = Code("BAC-VESSELS", PRIVATE, "Calcified vessel count")
+#: Private: calcified length of the longest single vessel, mm.
+BAC_LONGEST_VESSEL = Code("BAC-LONGEST", PRIVATE, "Longest calcified vessel length")
 
 # --- SR: qualitative evaluations (CODE items) ----------------------------------------
 #: DCM 122132 "Severity of Calcification": the BAC grade as a coded severity.
@@ -117,6 +129,9 @@ NO = Code("373067005", SCT, "No")
 
 # --- UCUM units ----------------------------------------------------------------------
 UNIT_MM2 = Code("mm2", UCUM, "square millimeter")
+UNIT_MM = Code("mm", UCUM, "millimeter")
+#: UCUM annotation ``{vessels}``: a count of vessels (dimensionless).
+UNIT_VESSELS = Code("{vessels}", UCUM, "vessels")
 UNIT_PERCENT = Code("%", UCUM, "Percent")
 #: UCUM annotation ``{grade}``: a dimensionless grade.
 UNIT_GRADE = Code("{grade}", UCUM, "grade")
@@ -136,3 +151,40 @@ def breast_of(laterality: str) -> Code:
     if laterality == "L":
         return LEFT_BREAST
     raise ValueError(f"laterality must be 'R' or 'L', got {laterality!r}")
+
+
+# --- SR: comparison with the prior study (bac_node/node/priors.py) -------------------
+#: DCM; CID 7001 report heading: the container of the comparison with the prior study.
+PREVIOUS_FINDINGS = Code("121068", DCM, "Previous Findings")
+#: DCM; Yes (SCT) when a prior study was compared, No with the reason when none was.
+COMPARISON_WITH_PRIOR_STUDY_DONE = Code("122140", DCM, "Comparison with Prior Study Done")
+#: DCM; TID 1005 Procedure Study Context: the prior's Study Instance UID, as the HAS OBS
+#: CONTEXT of the container holding the prior's values (they are about that study).
+PROCEDURE_STUDY_INSTANCE_UID = Code("121018", DCM, "Procedure Study Instance UID")
+#: DCM; the prior's Study Date (HAS OBS CONTEXT beside its UID).
+STUDY_DATE = Code("111060", DCM, "Study Date")
+#: Private: the container of the prior study's values (area %, grade, length).
+PRIOR_STUDY_VALUES = Code("BAC-PRIOR", PRIVATE, "BAC of the prior study")
+#: Private: where the prior's values come from (bac-node's SR of it, or analysed here).
+PRIOR_VALUES_SOURCE = Code("BAC-PRIOR-SOURCE", PRIVATE, "Source of the prior study values")
+#: Private: months between the prior's and the current Study Date.
+INTERVAL_SINCE_PRIOR = Code("BAC-PRIOR-MONTHS", PRIVATE, "Interval since prior study")
+#: Private: the "progressed" finding, SCT Yes when the study grade rose since the prior.
+BAC_PROGRESSED = Code("BAC-PROGRESSED", PRIVATE, "BAC grade progressed since prior study")
+#: Private: why no prior study was compared (no prior, PACS not reachable, timed out...).
+NO_PRIOR_REASON = Code("BAC-PRIOR-NONE", PRIVATE, "Why no prior study was compared")
+#: UCUM ``mo``: the mean Julian month (30.4375 days).
+UNIT_MONTH = Code("mo", UCUM, "month")
+
+__all__ += [
+    "BAC_PROGRESSED",
+    "COMPARISON_WITH_PRIOR_STUDY_DONE",
+    "INTERVAL_SINCE_PRIOR",
+    "NO_PRIOR_REASON",
+    "PREVIOUS_FINDINGS",
+    "PRIOR_STUDY_VALUES",
+    "PRIOR_VALUES_SOURCE",
+    "PROCEDURE_STUDY_INSTANCE_UID",
+    "STUDY_DATE",
+    "UNIT_MONTH",
+]

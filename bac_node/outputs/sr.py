@@ -31,6 +31,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from bac_node.dicom.uids import derived_uid
 from bac_node.grading import BACGrade, Burden, cardiovascular_flag
+from bac_node.imaging.vessels import VesselMeasurement
 from bac_node.outputs import concepts
 from bac_node.outputs.seg import MANUFACTURER, set_content_datetime
 
@@ -74,6 +75,8 @@ class ImageMeasurement:
     pixel_spacing_mm: tuple[float, float]
     roi: NDArray[np.float64]
     segmentation: pydicom.Dataset
+    vessels: VesselMeasurement | None = None
+    """Calcified length, vessel count, longest vessel (NUMs beside area %) when given."""
 
     def __post_init__(self) -> None:
         concepts.breast_of(self.laterality)  # raises for anything but R/L
@@ -95,6 +98,8 @@ class SideMeasurement:
 
     laterality: str
     burden: Burden
+    vessels: VesselMeasurement | None = None
+    """The side's vessels (:meth:`VesselMeasurement.side` of its views) when given."""
 
     def __post_init__(self) -> None:
         concepts.breast_of(self.laterality)
@@ -105,6 +110,8 @@ class StudySummary:
     """The study's grade: the grade of the higher-burden side."""
 
     grade: BACGrade
+    vessels: VesselMeasurement | None = None
+    """The study's vessels (:meth:`VesselMeasurement.study` of its sides) when given."""
 
     @property
     def cardiovascular_flag(self) -> bool:
@@ -176,12 +183,25 @@ def _source_of_measurement(segmentation: pydicom.Dataset) -> hd.sr.SourceImageFo
     return item
 
 
+def _vessel_items(vessels: VesselMeasurement | None) -> list[hd.sr.Measurement]:
+    """Calcified length (mm), vessel count ({vessels}) and longest vessel (mm) NUMs."""
+    if vessels is None:
+        return []
+    return [
+        _num(concepts.BAC_LENGTH, vessels.length_mm, concepts.UNIT_MM),
+        _num(concepts.BAC_VESSEL_COUNT, vessels.vessel_count, concepts.UNIT_VESSELS),
+        _num(concepts.BAC_LONGEST_VESSEL, vessels.longest_mm, concepts.UNIT_MM),
+    ]
+
+
 def _burden_items(
     burden: Burden,
     site: hd.sr.FindingSite,
     bac_references: Sequence[hd.sr.SourceImageForMeasurement] | None = None,
+    vessels: VesselMeasurement | None = None,
 ) -> tuple[list[hd.sr.Measurement], list[hd.sr.QualitativeEvaluation]]:
-    """BAC mm², breast mm², BAC %, grade and flag (NUM, and the coded evaluations)."""
+    """BAC mm², breast mm², BAC %, the vessels when given, grade and flag (NUM, and the
+    coded evaluations)."""
     numbers, evaluations = _grade_items(burden.grade, burden.cardiovascular_flag)
     measurements = [
         _num(
@@ -189,6 +209,7 @@ def _burden_items(
         ),
         _num(concepts.AREA, burden.breast_mm2, concepts.UNIT_MM2, finding_sites=[site]),
         _num(concepts.BAC_AREA_PERCENT, burden.area_percent, concepts.UNIT_PERCENT),
+        *_vessel_items(vessels),
         *numbers,
     ]
     return measurements, evaluations
@@ -200,7 +221,7 @@ def _image_group(
     source = image.source
     site = hd.sr.FindingSite(concepts.coded(concepts.breast_of(image.laterality)))
     measurements, evaluations = _burden_items(
-        image.burden, site, [_source_of_measurement(image.segmentation)]
+        image.burden, site, [_source_of_measurement(image.segmentation)], image.vessels
     )
     region = hd.sr.ImageRegion(
         graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
@@ -262,7 +283,7 @@ def _side_group(
     uid_parts: Sequence[str],
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     site = hd.sr.FindingSite(concepts.coded(concepts.breast_of(side.laterality)))
-    measurements, evaluations = _burden_items(side.burden, site)
+    measurements, evaluations = _burden_items(side.burden, site, vessels=side.vessels)
     name = "right" if side.laterality == "R" else "left"
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
@@ -290,7 +311,7 @@ def _study_group(
         finding_type=concepts.coded(concepts.VASCULAR_CALCIFICATION),
         algorithm_id=algorithm,
         finding_sites=[hd.sr.FindingSite(concepts.coded(concepts.BREAST))],
-        measurements=numbers,
+        measurements=[*_vessel_items(summary.vessels), *numbers],
         qualitative_evaluations=evaluations,
     )
 
@@ -326,6 +347,7 @@ def build_measurement_report(
     model_version: str,
     series_number: int = 9002,
     content_datetime: dt.datetime | None = None,
+    comparison: PriorComparison | None = None,
 ) -> hd.sr.ComprehensiveSR:
     """The study's TID 1500 Measurement Report (Comprehensive SR).
 
@@ -333,7 +355,8 @@ def build_measurement_report(
     ``not_analysed`` lists (SOP Instance UID or file, reason) for inputs left out.
     ``content_datetime`` stamps the content, series and instance-creation date/time
     (default: now); pass a fixed value for byte-identical re-runs. UIDs depend only on
-    the source SOP Instance UIDs and ``model_version``.
+    the source SOP Instance UIDs and ``model_version``. ``comparison`` (priors on) adds
+    the root's "Previous Findings" container (:func:`_comparison_container`).
     """
     if not images:
         raise ValueError("a measurement report needs at least one analysed image")
@@ -367,6 +390,8 @@ def build_measurement_report(
         referenced_images=sources,
     )
     report[0].ContentSequence.append(_qualitative_evaluations(not_analysed))
+    if comparison is not None:
+        report[0].ContentSequence.append(_comparison_container(comparison))
     series_uid, sop_uid = sr_uids(source_uids, model_version)
     sr = hd.sr.ComprehensiveSR(
         evidence=[*sources, *(image.segmentation for image in images)],
@@ -383,3 +408,242 @@ def build_measurement_report(
     sr.CodingSchemeIdentificationSequence = [private_coding_scheme()]
     set_content_datetime(sr, content_datetime or dt.datetime.now())
     return sr
+
+
+# --- comparison with the prior study (filled by bac_node/node/priors.py) -------------
+
+#: Days in a UCUM month ``mo`` (the mean Julian month).
+DAYS_PER_MONTH = 30.4375
+
+
+@dataclass(frozen=True)
+class PriorStudy:
+    """The BAC of the most recent prior study of the same patient.
+
+    ``source`` says where the values come from: bac-node's SR of the prior (read back),
+    or the prior's images analysed by this node (no result exported for them).
+    ``length_mm`` is the prior's total calcified length (the study's, both sides added
+    up); None when the prior's SR is of a bac-node version that did not report length.
+    """
+
+    study_instance_uid: str
+    study_date: dt.date
+    area_percent: float
+    grade: BACGrade
+    source: str
+    length_mm: float | None = None
+
+
+@dataclass(frozen=True)
+class PriorLookup:
+    """What the prior lookup found: a prior, or the one-line reason there is none."""
+
+    prior: PriorStudy | None
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        if self.prior is None and not self.reason:
+            raise ValueError("a lookup without a prior must say why")
+
+
+@dataclass(frozen=True)
+class PriorComparison:
+    """The current study against its prior: values then and now, interval, progression."""
+
+    lookup: PriorLookup
+    current_date: dt.date | None
+    current_area_percent: float
+    current_grade: BACGrade
+    current_length_mm: float | None = None
+
+    @property
+    def prior(self) -> PriorStudy | None:
+        return self.lookup.prior
+
+    @property
+    def interval_months(self) -> float | None:
+        """Months (UCUM ``mo``) from the prior's Study Date to the current one, 0.1 mo."""
+        if self.prior is None or self.current_date is None:
+            return None
+        return round((self.current_date - self.prior.study_date).days / DAYS_PER_MONTH, 1)
+
+    @property
+    def progressed(self) -> bool | None:
+        """The study grade rose since the prior (None without a prior)."""
+        return None if self.prior is None else int(self.current_grade) > int(self.prior.grade)
+
+    def summary_line(self) -> str:
+        """One line for the SR's comment and logs (UIDs and values only)."""
+        prior = self.prior
+        if prior is None:
+            return f"No prior study compared: {self.lookup.reason}"
+        verdict = "progressed" if self.progressed else "not progressed"
+        then_length = "" if prior.length_mm is None else f", {prior.length_mm:.0f} mm"
+        now_length = "" if self.current_length_mm is None else f", {self.current_length_mm:.0f} mm"
+        return (
+            f"BAC {prior.area_percent:.2f} % (grade {int(prior.grade)}{then_length}) on "
+            f"{prior.study_date.isoformat()}, {self.current_area_percent:.2f} % (grade "
+            f"{int(self.current_grade)}{now_length}) now, {self.interval_months} months "
+            f"later: {verdict}"
+        )
+
+
+def _num_item(name: concepts.Code, value: float, unit: concepts.Code) -> hd.sr.NumContentItem:
+    return hd.sr.NumContentItem(
+        name=concepts.coded(name),
+        value=float(value),
+        unit=concepts.coded(unit),
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+
+
+def _comparison_container(comparison: PriorComparison) -> hd.sr.ContainerContentItem:
+    """The root's "Previous Findings" container: the comparison with the prior study.
+
+    With a prior: "Comparison with Prior Study Done" = Yes; a container of the prior's
+    values whose observation context (HAS OBS CONTEXT, TID 1005) is the prior's Study
+    Instance UID and Study Date; the interval in months; the "progressed" CODE (Yes when
+    the study grade rose); a one-line comment. Without: Done = No and the reason.
+    The current values are the study and side groups of Imaging Measurements.
+    """
+    contains = hd.sr.RelationshipTypeValues.CONTAINS
+    container = hd.sr.ContainerContentItem(
+        name=concepts.coded(concepts.PREVIOUS_FINDINGS), relationship_type=contains
+    )
+    prior = comparison.prior
+    items: list[hd.sr.ContentItem] = [
+        hd.sr.CodeContentItem(
+            name=concepts.coded(concepts.COMPARISON_WITH_PRIOR_STUDY_DONE),
+            value=concepts.coded(concepts.YES if prior is not None else concepts.NO),
+            relationship_type=contains,
+        )
+    ]
+    if prior is None:
+        items.append(
+            hd.sr.TextContentItem(
+                name=concepts.coded(concepts.NO_PRIOR_REASON),
+                value=comparison.lookup.reason[:1024],
+                relationship_type=contains,
+            )
+        )
+    else:
+        items.append(_prior_values(prior))
+        interval = comparison.interval_months
+        if interval is not None:
+            items.append(_num_item(concepts.INTERVAL_SINCE_PRIOR, interval, concepts.UNIT_MONTH))
+        items.append(
+            hd.sr.CodeContentItem(
+                name=concepts.coded(concepts.BAC_PROGRESSED),
+                value=concepts.coded(concepts.YES if comparison.progressed else concepts.NO),
+                relationship_type=contains,
+            )
+        )
+        items.append(
+            hd.sr.TextContentItem(
+                name=concepts.coded(concepts.COMMENT),
+                value=comparison.summary_line(),
+                relationship_type=contains,
+            )
+        )
+    container.ContentSequence = hd.sr.ContentSequence(items)
+    return container
+
+
+def _prior_values(prior: PriorStudy) -> hd.sr.ContainerContentItem:
+    """The prior study's area %, grade (NUM and CODE), length, under its own context."""
+    context = hd.sr.RelationshipTypeValues.HAS_OBS_CONTEXT
+    container = hd.sr.ContainerContentItem(
+        name=concepts.coded(concepts.PRIOR_STUDY_VALUES),
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    items: list[hd.sr.ContentItem] = [
+        hd.sr.UIDRefContentItem(
+            name=concepts.coded(concepts.PROCEDURE_STUDY_INSTANCE_UID),
+            value=prior.study_instance_uid,
+            relationship_type=context,
+        ),
+        hd.sr.DateContentItem(
+            name=concepts.coded(concepts.STUDY_DATE),
+            value=prior.study_date,
+            relationship_type=context,
+        ),
+        _num_item(concepts.BAC_AREA_PERCENT, prior.area_percent, concepts.UNIT_PERCENT),
+        _num_item(concepts.BAC_GRADE_NUMBER, int(prior.grade), concepts.UNIT_GRADE),
+        hd.sr.CodeContentItem(
+            name=concepts.coded(concepts.BAC_GRADE_SEVERITY),
+            value=concepts.coded(concepts.GRADE_CODES[prior.grade]),
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        ),
+    ]
+    items += _prior_length_items(prior)
+    items.append(
+        hd.sr.TextContentItem(
+            name=concepts.coded(concepts.PRIOR_VALUES_SOURCE),
+            value=prior.source[:1024],
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+    )
+    container.ContentSequence = hd.sr.ContentSequence(items)
+    return container
+
+
+def _prior_length_items(prior: PriorStudy) -> list[hd.sr.ContentItem]:
+    """The prior's total calcified length (NUM, mm), when its SR or analysis had one."""
+    if prior.length_mm is None:
+        return []
+    return [_num_item(concepts.BAC_LENGTH, prior.length_mm, concepts.UNIT_MM)]
+
+
+#: DCM codes of the TID 1500 structure :func:`read_study_values` walks.
+_MEASUREMENT_GROUP = "125007"
+_TRACKING_IDENTIFIER = "112039"
+
+
+def is_bac_node_report(series: pydicom.Dataset) -> bool:
+    """Whether a series (a C-FIND answer or an instance) is a bac-node BAC report."""
+    return (
+        str(series.get("Modality", "")) == "SR"
+        and str(series.get("Manufacturer", "")) == MANUFACTURER
+        and str(series.get("SeriesDescription", "")) == SR_SERIES_DESCRIPTION
+    )
+
+
+def _code_value(item: pydicom.Dataset) -> str:
+    names = item.get("ConceptNameCodeSequence") or []
+    return str(names[0].CodeValue) if names else ""
+
+
+def read_study_values(report: pydicom.Dataset) -> tuple[float, BACGrade, float | None]:
+    """(study area %, study grade, study length mm or None) of a bac-node BAC report.
+
+    The study's area % is the higher side's (as the study grade is the higher-burden
+    side's); read from the TID 1501 groups "BAC right/left breast" and "BAC study"
+    that :func:`build_measurement_report` writes. A ValueError names what is missing.
+    """
+    if not is_bac_node_report(report):
+        raise ValueError(f"SR {report.get('SOPInstanceUID', '?')} is not a bac-node BAC report")
+    numbers: dict[str, dict[str, float]] = {}
+    for item in report.get("ContentSequence", []):
+        for group in item.get("ContentSequence", []) if item.ValueType == "CONTAINER" else []:
+            if group.ValueType != "CONTAINER" or _code_value(group) != _MEASUREMENT_GROUP:
+                continue
+            children = list(group.get("ContentSequence", []))
+            label = next(
+                (str(c.TextValue) for c in children if _code_value(c) == _TRACKING_IDENTIFIER),
+                "",
+            )
+            numbers[label] = {
+                _code_value(c): float(c.MeasuredValueSequence[0].NumericValue)
+                for c in children
+                if c.ValueType == "NUM" and c.get("MeasuredValueSequence")
+            }
+    sides = [
+        numbers[label][concepts.BAC_AREA_PERCENT.value]
+        for label in ("BAC right breast", "BAC left breast")
+        if concepts.BAC_AREA_PERCENT.value in numbers.get(label, {})
+    ]
+    study = numbers.get("BAC study", {})
+    if not sides or concepts.BAC_GRADE_NUMBER.value not in study:
+        raise ValueError(f"SR {report.get('SOPInstanceUID', '?')} has no side BAC % or study grade")
+    length = study.get(concepts.BAC_LENGTH.value)  # absent in reports before length
+    return max(sides), BACGrade(int(study[concepts.BAC_GRADE_NUMBER.value])), length

@@ -14,6 +14,7 @@ import math
 import numpy as np
 from numpy.typing import NDArray
 
+from bac_node.imaging.vessels import MIN_VESSEL_MM
 from training.phantom.anatomy import (
     PatientAnatomy,
     ViewGeometry,
@@ -33,6 +34,7 @@ from training.phantom.vessels import (
     Artery,
     Stamps,
     calcification_stamps,
+    calcified_lengths_mm,
     grow_arteries,
     grow_veins,
     severity_from_percent,
@@ -68,6 +70,8 @@ class _ViewCanvas:
         self.fine: FloatArray = np.zeros(shape, dtype=np.float32)
         """Attenuation of small things drawn at full resolution (max-composited)."""
         self.breast_pixels = int(np.count_nonzero(self.breast))
+        self.calcified: list[tuple[Artery, float]] = []
+        """Each artery whose calcification was drawn, and the arc (mm) it stops at."""
 
     def pectoral_mask(self) -> NDArray[np.bool_]:
         """The pectoral muscle at full resolution (evaluated only where it can be)."""
@@ -129,8 +133,13 @@ class _ViewCanvas:
         earliest = n - first[new].astype(np.int64)
         return np.sort(stamps.arc_mm[order[earliest]])
 
-    def commit_bac(self, stamps: Stamps) -> None:
+    def commit_bac(
+        self, stamps: Stamps, artery: Artery | None = None, cut_mm: float = math.inf
+    ) -> None:
+        """Draw ``stamps``; ``artery`` (calcified up to ``cut_mm``) joins the truth."""
         splat_disks(self.bac_cover, stamps.cy, stamps.cx, stamps.radius, 1.0)
+        if artery is not None:
+            self.calcified.append((artery, cut_mm))
         splat_disks(self.fine, stamps.cy, stamps.cx, stamps.radius, stamps.amplitude)
 
     def finish(
@@ -145,6 +154,12 @@ class _ViewCanvas:
         np.clip(thickness, 0.0, 1.0, out=thickness)
         thickness *= self.breast
         attenuation += self.fine
+        # Arteries that overlap in this projection are one vessel of the view; a vessel
+        # is counted when it shows a length the node would count (imaging.vessels).
+        lengths, vessel_of = calcified_lengths_mm(self.calcified, g, self.breast)
+        shown: dict[int, float] = {}
+        for vessel, length in zip(vessel_of, lengths, strict=True):
+            shown[vessel] = shown.get(vessel, 0.0) + length
         attenuation *= self.breast
         add_labels(attenuation, self.breast, laterality, g.view, g.spacing_mm, rng)
         add_paddle_edge(attenuation, self.breast, g.spacing_mm, rng, rate=distractor_rate)
@@ -158,6 +173,8 @@ class _ViewCanvas:
             bac_mask=(self.bac_cover >= 0.5) & self.breast,
             pectoral_mask=self.pectoral_mask(),
             compressed_thickness_mm=self.tissue.compressed_thickness_mm,
+            true_bac_length_mm=float(sum(lengths)),
+            true_vessel_count=sum(length >= MIN_VESSEL_MM for length in shown.values()),
         )
 
 
@@ -209,15 +226,18 @@ def render_side(
         stamps = {v: calcification_stamps(artery, c.geometry) for v, c in canvases.items()}
         arcs = np.sort(np.concatenate([c.bac_gain_by_arc(stamps[v]) for v, c in canvases.items()]))
         room = int(need - have)
+        cut = math.inf
         if len(arcs) > room:
             # Calcify only the longest prefix of this artery that stays within the target.
-            cut = arcs[max(room, 0)]
-            stamps = {v: s.before(cut) for v, s in stamps.items()}
-            gain = int(np.searchsorted(arcs, cut, side="left"))
+            cut_arc = arcs[max(room, 0)]
+            stamps = {v: s.before(cut_arc) for v, s in stamps.items()}
+            gain = int(np.searchsorted(arcs, cut_arc, side="left"))
+            cut = float(cut_arc)
         else:
             gain = len(arcs)
         for v, c in canvases.items():
-            c.commit_bac(stamps[v])
+            # An artery that adds no BAC pixel (its prefix ends at once) is no vessel.
+            c.commit_bac(stamps[v], artery if gain > 0 else None, cut)
         have += gain
 
     distractors = CalcificationDistractors(rng, rate=distractor_rate)

@@ -15,6 +15,7 @@ Output layout of ``bac-node synth --out DIR``::
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime as dt
 import json
 import math
@@ -52,7 +53,7 @@ MANIFEST_FIELDS = (
     "vendor", "manufacturer", "presentation_intent", "transfer_syntax", "laterality", "view",
     "rows", "columns", "pixel_spacing_mm", "bac_mask", "breast_mask", "pectoral_mask",
     "bac_pixels", "breast_pixels", "area_percent", "side_area_percent", "side_grade",
-    "study_grade", "planned_grade",
+    "study_grade", "planned_grade", "true_bac_length_mm", "true_vessel_count",
 )  # fmt: skip
 
 
@@ -229,6 +230,53 @@ def plan_studies(
     return plans
 
 
+def plan_prior_pair(
+    seed: int,
+    *,
+    prior_grade: int = 1,
+    current_grade: int = 3,
+    interval_days: int = 365,
+    vendor: str | None = None,
+) -> tuple[StudyPlan, StudyPlan]:
+    """A prior and a current screening study of one synthetic woman (for priors).
+
+    Same PatientID and anatomy (size, density), the prior ``interval_days`` earlier
+    (screening round 0, then 1, a year older when the interval is a year or more) and
+    planned at ``prior_grade``, the current one at ``current_grade``: more calcification
+    in the later study when ``current_grade > prior_grade`` (the node's "progressed"
+    case). Study UIDs differ (study index 0 and 1 of ``seed``). Deterministic; the
+    realised grade of each is the planned one up to whole calcification pieces.
+    """
+    if not (0 <= prior_grade <= 3 and 0 <= current_grade <= 3):
+        raise ValueError("grades are 0-3")
+    if current_grade < prior_grade:
+        raise ValueError("burden never decreases between rounds: current_grade >= prior_grade")
+    if interval_days < 1:
+        raise ValueError("the prior must be at least one day earlier")
+    prior = plan_studies(
+        1, seed, vendor=vendor, grades={prior_grade: 1.0},
+        prior_fraction=0.0, processing_fraction=0.0,
+    )[0]  # fmt: skip
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x9A12]))
+    current_date = dt.datetime.strptime(prior.study_date, "%Y%m%d").date() + dt.timedelta(
+        days=interval_days
+    )
+    targets = _side_targets(current_grade, rng)
+    if current_grade == prior_grade:  # still never less than the prior
+        targets = {lat: max(v, prior.side_targets[lat]) for lat, v in targets.items()}
+    current = dataclasses.replace(
+        prior,
+        index=1,
+        seed=int(rng.integers(0, 2**31 - 1)),
+        screening_round=1,
+        planned_grade=current_grade,
+        side_targets=targets,
+        age=prior.age + interval_days // 365,
+        study_date=current_date.strftime("%Y%m%d"),
+    )
+    return prior, current
+
+
 @dataclass
 class RenderedStudy:
     plan: StudyPlan
@@ -376,6 +424,9 @@ def write_study(rendered: RenderedStudy, out_dir: Path) -> list[dict[str, Any]]:
                     "side_grade": int(side.grade),
                     "study_grade": grade,
                     "planned_grade": plan.planned_grade,
+                    # The truth of bac_node.imaging.vessels (PhantomView's docstrings).
+                    "true_bac_length_mm": round(view.true_bac_length_mm, 3),
+                    "true_vessel_count": view.true_vessel_count,
                 }
             )
     return rows

@@ -53,6 +53,16 @@ class PhantomView:
     """Pectoral muscle (empty on CC)."""
     compressed_thickness_mm: float
     """Compressed breast thickness (for the DICOM header)."""
+    true_bac_length_mm: float = 0.0
+    """Calcified length (mm) the view shows: the calcified parts of every artery's
+    centreline projected into this view, in its pixel spacing (the truth of
+    ``bac_node.imaging.vessels``; see ``training.phantom.vessels.calcified_lengths_mm``),
+    a stretch where two calcified arteries overlap in the projection counted once."""
+    true_vessel_count: int = 0
+    """Calcified vessels this view shows: arteries joined where they overlap in the
+    projection (a branch at its trunk, a crossing), each with at least
+    ``bac_node.imaging.vessels.MIN_VESSEL_MM`` of calcified length. The node can split
+    one of them where an uncalcified gap is longer than its bridging gap."""
 
     @property
     def shape(self) -> tuple[int, int]:
