@@ -22,6 +22,7 @@ from bac_node.config import (
     Settings,
     Source,
     load_settings,
+    redact_url,
     setting_help,
     shown,
 )
@@ -95,6 +96,7 @@ pass_context = click.make_pass_decorator(_Context)
 @click.option("--port", type=int, help=setting_help()["port"])
 @click.option("--log-level", help=setting_help()["log_level"])
 @click.option("--device", help=setting_help()["device"])
+@click.option("--database", metavar="URL", help=setting_help()["database"])
 @click.pass_context
 def cli(
     ctx: click.Context,
@@ -104,6 +106,7 @@ def cli(
     port: int | None,
     log_level: str | None,
     device: str | None,
+    database: str | None,
 ) -> None:
     """bac-node: breast arterial calcification (BAC) on screening mammograms.
 
@@ -111,7 +114,7 @@ def cli(
     """
     cli_values: dict[str, Any] = {
         "data_dir": data_dir, "ae_title": ae_title, "port": port, "log_level": log_level,
-        "device": device,
+        "device": device, "database": database,
     }  # fmt: skip
     try:
         settings, sources = load_settings(config_file=config_file, cli=cli_values)
@@ -126,6 +129,8 @@ def cli(
     # APScheduler narrates every tick at INFO; pynetdicom every PDU at DEBUG.
     logging.getLogger("apscheduler").setLevel(max(logging.WARNING, logging.root.level))
     logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.root.level))
+    # Alembic narrates its set-up at INFO; open_database logs a migration itself.
+    logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.root.level))
     ctx.obj = _Context(settings, sources, cli_values)
 
 
@@ -144,6 +149,7 @@ def settings_command(obj: _Context, config_file: Path | None, as_json: bool) -> 
     for name in SECRET_SETTINGS:  # tokens are secrets: say how many, never which
         if getattr(settings, name):
             values[name] = f"({len(getattr(settings, name))} set, not shown)"
+    values["database"] = redact_url(values["database"])  # a password is never printed
     if as_json:
         click.echo(
             json.dumps({n: {"value": v, "source": sources[n]} for n, v in values.items()}, indent=1)
@@ -197,6 +203,12 @@ def settings_command(obj: _Context, config_file: Path | None, as_json: bool) -> 
 )
 @click.option("--contact-sheet/--no-contact-sheet", default=True, show_default=True,
               help="Write contact_sheet.png of the first study.")  # fmt: skip
+@click.option(
+    "--prior-pair",
+    is_flag=True,
+    help="Instead of --studies: one woman's grade 1 prior and grade 3 current study a year "
+    "later (same PatientID), to try the node's priors.",
+)
 @pass_context
 def synth(
     obj: _Context,
@@ -210,6 +222,7 @@ def synth(
     processing: float,
     jpeg2000: str,
     contact_sheet: bool,
+    prior_pair: bool,
 ) -> None:
     """Generate synthetic 4-view screening studies with exact BAC ground truth.
 
@@ -232,6 +245,10 @@ def synth(
         studies, seed, vendor=vendor, grades=distribution,
         prior_fraction=priors, processing_fraction=processing, jpeg2000=jpeg2000,
     )  # fmt: skip
+    if prior_pair:
+        from training.phantom.study import plan_prior_pair
+
+        plans = list(plan_prior_pair(seed, vendor=vendor))
     rows = synthesize(plans, out, scale=scale, progress=True)
     if contact_sheet and rows:
         from training.phantom.contact_sheet import study_contact_sheet
@@ -342,13 +359,50 @@ def openapi(out: Path | None) -> None:
 @cli.command()
 @click.option("--count", type=click.IntRange(min=1), default=1, show_default=True,
               help="Worker threads in this process.")  # fmt: skip
+@click.option("--database", metavar="URL", help=setting_help()["database"])
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="The data directory shared with the ingesting node (received instances, "
+              "results); with --node-url, a local scratch folder.")  # fmt: skip
+@click.option("--node-url", metavar="URL", help=setting_help()["node_url"])
+@click.option("--token-file", type=click.Path(dir_okay=False),
+              help=setting_help()["node_token_file"])  # fmt: skip
+@click.option("--node-ca-file", type=click.Path(dir_okay=False),
+              help=setting_help()["node_ca_file"])  # fmt: skip
 @pass_context
-def worker(obj: _Context, count: int) -> None:
-    """Run more workers on the node's database (the same data directory), until SIGTERM."""
+def worker(
+    obj: _Context, count: int, database: str | None, data_dir: Path | None,
+    node_url: str | None, token_file: str | None, node_ca_file: str | None,
+) -> None:  # fmt: skip
+    """Run workers on the node's database, until SIGTERM.
+
+    On another host: `bac-node worker --database postgresql+psycopg://… --data-dir PATH`
+    with PATH the ingesting node's data directory (a shared filesystem), or, with no
+    share, `--node-url https://node:8080 --token-file F`: inputs and results go over the
+    node's HTTP interface and PATH is a local scratch folder. Research use only.
+    """
+    # A bad option fails here, before tune_allocator's re-exec.
+    settings = _with_options(
+        obj, database=database, data_dir=data_dir, node_url=node_url,
+        node_token_file=token_file, node_ca_file=node_ca_file,
+    )  # fmt: skip
     tune_allocator()
     from bac_node.node.service import run_workers
 
-    run_workers(obj.settings, count=count)
+    run_workers(settings, count=count)
+
+
+def _with_options(obj: _Context, **options: Any) -> Settings:
+    """The settings with a subcommand's own setting flags (``worker --database``) applied."""
+    given = {name: value for name, value in options.items() if value is not None}
+    if not given:
+        return obj.settings
+    try:
+        settings = dataclasses.replace(obj.settings, **given)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    obj.sources.update(dict.fromkeys(given, "cli"))
+    obj.settings = settings
+    return settings
 
 
 @cli.command()
@@ -361,12 +415,12 @@ def status(obj: _Context, as_json: bool, failures: int) -> None:
     from bac_node.node.db import DATABASE_FILE, open_database
     from bac_node.node.queue import queue_counts, recent_failures
 
-    if not (obj.settings.data_dir / DATABASE_FILE).is_file():
+    if not obj.settings.database and not (obj.settings.data_dir / DATABASE_FILE).is_file():
         raise BacNodeError(
             f"{obj.settings.data_dir}: no bac-node database here (set --data-dir to the "
-            "node's data directory)"
+            "node's data directory, or --database)"
         )
-    db = open_database(obj.settings.data_dir)
+    db = open_database(obj.settings.database or obj.settings.data_dir)
     try:
         counts = queue_counts(db)
         recent = recent_failures(db, failures)
@@ -397,12 +451,62 @@ def retry(obj: _Context, study_uid: str | None, dead_letter: bool) -> None:
 
     if bool(study_uid) == dead_letter:
         raise click.UsageError("give either STUDY_UID or --dead-letter")
-    db = open_database(obj.settings.data_dir)
+    db = open_database(obj.settings.database or obj.settings.data_dir)
     try:
         count = retry_dead(db, study_uid)
     finally:
         db.dispose()
     click.echo(f"{count} item(s) queued again")
+
+
+@cli.group("db")
+def db_group() -> None:
+    """The node's database: schema revision and migrations (SQLite or PostgreSQL)."""
+
+
+@db_group.command("upgrade")
+@pass_context
+def db_upgrade(obj: _Context) -> None:
+    """Migrate the database (the `database` setting, else DATA_DIR's) to the newest schema.
+
+    Every process does this when it opens the database; run it on its own before
+    starting a new bac-node version's workers, so none of them waits for the migration.
+    """
+    from bac_node.node.db import open_database
+    from bac_node.node.migrations import current_revision
+
+    db = open_database(obj.settings.database or obj.settings.data_dir)
+    try:
+        with db.engine.connect() as connection:
+            revision = current_revision(connection)
+        url = db.engine.url.render_as_string(hide_password=False)
+        click.echo(f"{redact_url(url)}: at schema revision {revision}")
+    finally:
+        db.dispose()
+
+
+@db_group.command("current")
+@pass_context
+def db_current(obj: _Context) -> None:
+    """Print the database's schema revision and the newest this bac-node knows."""
+    from sqlalchemy import create_engine
+
+    from bac_node.node.db import DATABASE_FILE, database_url
+    from bac_node.node.migrations import current_revision, head_revision
+
+    if not obj.settings.database and not (obj.settings.data_dir / DATABASE_FILE).is_file():
+        raise BacNodeError(f"{obj.settings.data_dir}: no bac-node database here")
+    url = obj.settings.database or database_url(obj.settings.data_dir)
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            revision = current_revision(connection)
+    except Exception as exc:
+        raise BacNodeError(f"{redact_url(url)}: cannot open the database ({exc})") from None
+    finally:
+        engine.dispose()
+    click.echo(f"database {revision or '(none: a new or pre-migration database)'}, "
+               f"newest {head_revision()}")  # fmt: skip
 
 
 #: ``--device`` of the commands that run a model (``analyze``, ``evaluate``).

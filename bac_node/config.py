@@ -64,6 +64,15 @@ class Settings:
     network_timeout: int = _setting(
         60, "Seconds of silence before a DICOM association is aborted (ACSE, DIMSE, network)."
     )
+    tls_cert: str = _setting(
+        "", "PEM certificate (chain) file: the DICOM port speaks TLS only (with tls_key)."
+    )
+    tls_key: str = _setting("", "PEM private key file of tls_cert.")
+    tls_ca: str = _setting(
+        "",
+        "PEM CA certificate(s): DICOM TLS peers must present a client certificate they "
+        "signed; empty: none asked.",
+    )
     stable_after: int = _setting(
         60, "Seconds without a new instance after which an incomplete study is analysed."
     )
@@ -113,6 +122,32 @@ class Settings:
     http_max_request_mb: int = _setting(
         1024, "Largest STOW-RS request body accepted, in MiB (413 above)."
     )
+    priors_pacs: str = _setting(
+        "",
+        "PACS asked for the patient's prior MG study (`AE@host:port`; C-FIND, then C-GET of "
+        "the prior's bac-node SR or its images); the SR compares with it. Empty: priors off.",
+    )
+    priors_timeout: int = _setting(
+        30, "Seconds the whole prior lookup may take; then the result goes out without it."
+    )
+    database: str = _setting(
+        "",
+        "Database URL of the queue: `sqlite:///PATH` or "
+        "`postgresql+psycopg://user:password@host:port/db` (several worker hosts); empty: "
+        "`sqlite:///<data_dir>/bac-node.sqlite`.",
+    )
+    node_url: str = _setting(
+        "",
+        "`bac-node worker` on a host without the shared data directory: the ingesting "
+        "node's HTTP base URL (`http(s)://node:8080`); inputs and results go over HTTP and "
+        "data_dir is a local scratch folder. Empty: data_dir is the node's (shared).",
+    )
+    node_token_file: str = _setting(
+        "", "File holding the bearer token a worker sends to node_url (one of its http_tokens)."
+    )
+    node_ca_file: str = _setting(
+        "", "PEM CA certificate(s) a worker trusts for an https node_url; empty: the system's."
+    )
 
     def __post_init__(self) -> None:
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
@@ -155,6 +190,10 @@ class Settings:
             raise ConfigError(
                 f"http_port must be -1 (off), 0 (any free port) or 1-65535, not {self.http_port}"
             )
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("tls_cert and tls_key must be set together")
+        if self.tls_ca and not self.tls_cert:
+            raise ConfigError("tls_ca (client certificates) needs tls_cert and tls_key")
         if bool(self.http_tls_cert) != bool(self.http_tls_key):
             raise ConfigError("http_tls_cert and http_tls_key must be set together")
         if self.http_max_request_mb < 1:
@@ -163,6 +202,11 @@ class Settings:
             )
         for token in self.http_tokens:
             check_http_token(token)
+        check_priors(self)
+        if self.database:
+            check_database_url(self.database)
+        if self.node_url:  # with node_token_file and database: checked by the worker
+            check_node_url(self.node_url)
 
 
 @dataclass(frozen=True)
@@ -198,6 +242,23 @@ def parse_destination(text: str) -> Destination:
     return Destination(_check_ae(ae.strip(), f"destinations entry {text!r}"), host, int(port))
 
 
+def check_priors(settings: Settings) -> None:
+    """``priors_pacs`` (empty, or ``AE@host:port``) and ``priors_timeout`` (>= 1 s)."""
+    if settings.priors_pacs:
+        parse_priors_pacs(settings.priors_pacs)
+    if settings.priors_timeout < 1:
+        raise ConfigError(f"priors_timeout must be at least 1, not {settings.priors_timeout}")
+
+
+def parse_priors_pacs(text: str) -> Destination:
+    """``priors_pacs``: the PACS asked for priors, ``AE@host:port``."""
+    ae, at, rest = text.partition("@")
+    host, colon, port = rest.rpartition(":")
+    if not at or not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"priors_pacs {text!r} must look like AE@host:port")
+    return Destination(_check_ae(ae.strip(), f"priors_pacs {text!r}"), host, int(port))
+
+
 def is_dicomweb_destination(text: str) -> bool:
     """Whether a ``destinations`` entry is a DICOMweb base URL (else ``AE@host:port``)."""
     return text.strip().lower().startswith(("http://", "https://"))
@@ -221,6 +282,71 @@ def parse_dicomweb_destination(text: str) -> str:
     except ValueError:
         raise ConfigError(f"destinations entry {text!r}: invalid port") from None
     return text.strip().rstrip("/")
+
+
+#: Database URL schemes the ``database`` setting accepts (SQLite, PostgreSQL via psycopg 3).
+DATABASE_SCHEMES = ("sqlite", "postgresql+psycopg")
+
+
+def check_database_url(url: str) -> str:
+    """A ``database`` URL: ``sqlite:///PATH`` or ``postgresql+psycopg://…/DBNAME``.
+
+    Errors never repeat the URL's password (:func:`redact_url`).
+    """
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme == "sqlite":
+        if not url.startswith("sqlite:///") or url == "sqlite:///":
+            raise ConfigError(
+                f"database {redact_url(url)!r}: an SQLite URL is sqlite:///relative/path or "
+                "sqlite:////absolute/path"
+            )
+        return url
+    if scheme in ("postgresql", "postgres", "postgresql+psycopg2"):
+        raise ConfigError(
+            f"database {redact_url(url)!r}: use the postgresql+psycopg:// scheme (psycopg 3, "
+            "`pip install bac-node[postgres]`)"
+        )
+    if scheme != "postgresql+psycopg":
+        raise ConfigError(
+            f"database {redact_url(url)!r} must start with sqlite:/// or postgresql+psycopg://"
+        )
+    if not parts.path.strip("/"):
+        raise ConfigError(
+            f"database {redact_url(url)!r}: name the database "
+            "(postgresql+psycopg://user:password@host:5432/DBNAME)"
+        )
+    try:
+        parts.port  # noqa: B018 (an out-of-range port raises here)
+    except ValueError:
+        raise ConfigError(f"database {redact_url(url)!r}: invalid port") from None
+    return url
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password (if any) replaced by ``***``: for logs, errors, status."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")
+    user = netloc[0].partition(":")[0]
+    return parts._replace(netloc=f"{user}:***@{netloc[2]}").geturl()
+
+
+def check_node_url(url: str) -> str:
+    """A ``node_url``: ``http(s)://host[:port][/prefix]``, no credentials, no query."""
+    parts = urlsplit(url.strip())
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"node_url {url!r} must look like http(s)://host:port")
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError(f"node_url {url!r}: credentials do not belong in the URL (a token file)")
+    if parts.query or parts.fragment:
+        raise ConfigError(f"node_url {url!r}: a base URL has no query")
+    try:
+        parts.port  # noqa: B018 (an out-of-range port raises here)
+    except ValueError:
+        raise ConfigError(f"node_url {url!r}: invalid port") from None
+    return url
 
 
 #: Settings whose values `bac-node settings` does not print.

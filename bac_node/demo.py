@@ -197,6 +197,7 @@ def run_demo(
     node_settings = dataclasses.replace(
         settings,
         data_dir=node_data,
+        database="",  # the demo's own fresh SQLite database, whatever `database` says
         allowed_peers=(SENDER_AE,),
         destinations=(f"{RECEIVER_AE}@127.0.0.1:{receiver.port}",),
         stable_after=10,

@@ -1,7 +1,7 @@
 """Run every benchmark: ``python -m benchmarks [--quick] [--only ingest,queue,...]``.
 
 Each prints its table and writes ``benchmarks/results/<name>.json`` (``--out`` for
-another folder). The default sizes take about 10 minutes on a 2-core machine;
+another folder). The default sizes take about 20 minutes on a 2-core machine;
 ``--quick`` runs tiny sizes (seconds each: what tests/test_benchmarks.py runs, so the
 code cannot rot; its figures mean nothing). ``bench_synth`` (the phantom generator's
 speed) is not part of the node's figures and runs on its own.
@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks import bench_analysis, bench_end_to_end, bench_ingest, bench_queue
+from benchmarks import bench_analysis, bench_end_to_end, bench_ingest, bench_queue, bench_workers
 from benchmarks.common import RESULTS
 
 BENCHMARKS: dict[str, tuple[Callable[[list[str] | None], list[dict[str, Any]]], list[str]]] = {
@@ -27,6 +27,8 @@ BENCHMARKS: dict[str, tuple[Callable[[list[str] | None], list[dict[str, Any]]], 
                                        "--backends", "onnx"]),
     "end_to_end": (bench_end_to_end.main, ["--studies", "1", "--scale", "0.05",
                                            "--modes", "sequential"]),
+    "workers": (bench_workers.main, ["--studies", "2", "--workers", "1",
+                                     "--databases", "sqlite"]),
 }  # fmt: skip
 MODEL_BENCHMARKS = ("analysis", "end_to_end")
 

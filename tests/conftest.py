@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
 from _processing_helpers import save_tiny_model
+from pg import db_location, postgres_server, postgres_url  # noqa: F401 (shared fixtures)
 
 from bac_node.model.inference import Predictor, load_predictor
 from bac_node.model.weights import ModelCard
+
+# A heavy command run in this process (click's CliRunner) must never re-exec it with the
+# tuned allocator (bac_node.cli.tune_allocator): that replaced the whole pytest run with
+# `python -m bac_node synth …`, silently. Subprocesses inherit the guard too; the tests of
+# the re-exec itself (tests/test_cli.py) start theirs from an environment without it.
+os.environ.setdefault("BAC_NODE_ALLOCATOR_TUNED", "1")
 
 
 @pytest.fixture(autouse=True)

@@ -57,3 +57,7 @@ def test_every_benchmark_runs_and_writes_its_json(tmp_path: Path) -> None:
     assert e2e["mode"] == "sequential" and e2e["studies"] == 1
     assert 0 < e2e["p50_s"] <= e2e["p95_s"] <= e2e["max_s"]
     assert e2e["serve_peak_rss_gib"] > 0
+
+    (workers,) = rows(out, "bench_workers")
+    assert (workers["database"], workers["workers"], workers["studies"]) == ("sqlite", 1, 2)
+    assert workers["studies_per_minute"] > 0 and workers["startup_seconds"] > 0

@@ -3,8 +3,10 @@
 The database is the queue (DESIGN.md). SQLite in WAL mode with ``synchronous=FULL``
 and a busy timeout is the embedded default: one file, ``<data_dir>/bac-node.sqlite``.
 Every process (``serve``, ``worker``, ``status``) opens it with :func:`open_database`,
-which creates the schema on first use and refuses a database written by another
-schema version with a message that says what to do.
+which migrates the schema to the newest Alembic revision on first use (a new database
+gets every migration: ``bac_node/node/migrations``) and refuses a database written by a
+newer bac-node with a message that says what to do. The ``database`` setting chooses
+another database: ``postgresql+psycopg://…`` for workers on several hosts.
 
 States
 ------
@@ -21,6 +23,7 @@ Times are naive UTC (:func:`utcnow`), stored as SQLite text by SQLAlchemy.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -52,7 +55,10 @@ from sqlalchemy.orm import (
 
 from bac_node.errors import BacNodeError
 
-#: Bump when a table or column changes; :func:`open_database` refuses other versions.
+log = logging.getLogger(__name__)
+
+#: The ``meta`` row ``schema_version`` that bac-node from before migrations checks; each
+#: migration that changes a table sets it (the Alembic revision is the real version).
 SCHEMA_VERSION = 1
 DATABASE_FILE = "bac-node.sqlite"
 #: Busy timeout of SQLite connections (ms): writers wait this long for the lock.
@@ -243,29 +249,31 @@ def database_url(data_dir: Path) -> str:
 
 
 def open_database(url_or_data_dir: str | Path) -> Database:
-    """Open (creating on first use) the node's database and check its schema version."""
+    """Open the node's database and migrate its schema to the newest revision.
+
+    ``url_or_data_dir``: a data directory (its ``bac-node.sqlite``) or a database URL
+    (the ``database`` setting: ``settings.database or settings.data_dir``).
+    """
     url = (
         database_url(Path(url_or_data_dir))
         if isinstance(url_or_data_dir, Path)
         else url_or_data_dir
     )
     if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        # 0700: the data directory holds patient data (bac_node.node.service)
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         db = Database(_sqlite_engine(url, "BEGIN IMMEDIATE"), _sqlite_engine(url, "BEGIN"))
     else:
         db = Database(create_engine(url, pool_pre_ping=True))
     try:
-        Base.metadata.create_all(db.engine)
-        with db.session() as session:
-            row = session.get(Meta, "schema_version")
-            if row is None:
-                session.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
-            elif row.value != str(SCHEMA_VERSION):
-                raise DatabaseError(
-                    f"{_safe_url(url)}: database schema version {row.value}, this bac-node "
-                    f"expects {SCHEMA_VERSION}; use the bac-node version that wrote it, or "
-                    "a new data directory"
-                )
+        from bac_node.node.migrations import upgrade
+
+        # One transaction (BEGIN IMMEDIATE on SQLite, an advisory lock on PostgreSQL):
+        # processes that open a new database together migrate it once.
+        with db.engine.begin() as connection:
+            before, after = upgrade(connection, _safe_url(url))
+        if before != after:
+            log.info("%s: schema migrated from %s to %s", _safe_url(url), before or "none", after)
     except DatabaseError:
         db.dispose()
         raise

@@ -55,11 +55,13 @@ def purge_expired_inputs(
     cutoff = now - dt.timedelta(days=retention_days)
     purged: list[str] = []
     # One write transaction: the store cannot commit a new instance of a study while its
-    # files are deleted (it would clear ``queued`` and be seen here).
+    # files are deleted (it would clear ``queued`` and be seen here). On PostgreSQL the
+    # studies' rows are locked for that (a study being written now waits for the next run).
     with db.session() as s:
-        studies = s.scalars(
-            select(Study).where(Study.purged.is_(False), Study.queued.is_(True)).order_by(Study.id)
-        ).all()
+        stmt = select(Study).where(Study.purged.is_(False), Study.queued.is_(True))
+        if db.dialect == "postgresql":
+            stmt = stmt.with_for_update(skip_locked=True)
+        studies = s.scalars(stmt.order_by(Study.id)).all()
         for study in studies:
             latest = s.scalars(
                 select(Job)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
-from bac_node.config import Settings
+from bac_node.config import Settings, redact_url
 from bac_node.model.weights import ModelCard
 from bac_node.node.db import Database, open_database
 
@@ -64,8 +64,9 @@ class Node:
         from bac_node.node.store import InstanceStore
         from bac_node.node.worker import Worker
 
-        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
-        self.db = open_database(self.settings.data_dir)
+        # 0700: received images hold patient data (files are 0600: mkstemp's mode)
+        self.settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.db = open_database(self.settings.database or self.settings.data_dir)
         if self.workers:
             if self.predictor is None or self.card is None:
                 first = Worker.from_settings(self.settings, self.db, owner=owner_name("worker"))
@@ -194,7 +195,7 @@ def run_workers(settings: Settings, *, count: int = 1) -> None:
     state: dict[str, Any] = {}
 
     def start() -> None:
-        db = open_database(settings.data_dir)
+        db = open_database(settings.database or settings.data_dir)
         first = Worker.from_settings(settings, db, owner=owner_name("worker"))
         workers = [first] + [
             Worker(settings, db, predictor=first.predictor, card=first.card,
@@ -207,7 +208,10 @@ def run_workers(settings: Settings, *, count: int = 1) -> None:
         for thread in threads:
             thread.start()
         state.update(db=db, workers=workers, threads=threads)
-        log.info("%d worker(s) on %s", count, settings.data_dir)
+        log.info(
+            "%d worker(s) on %s, data in %s",
+            count, redact_url(settings.database) or "its SQLite database", settings.data_dir,
+        )  # fmt: skip
 
     def stop() -> None:
         stop_event.set()

@@ -25,6 +25,12 @@ Decisions a next engineer needs:
 - **Lost lease.** If another worker took the job meanwhile, :func:`complete_job`
   writes nothing and this worker drops its result: the other worker's result is the
   same objects.
+- **Other hosts.** :attr:`Worker.files` (:mod:`bac_node.node.jobfiles`) says where the
+  job's files are: the node's data directory (this host's, or a network filesystem
+  share), or, with ``node_url``, the node's HTTP interface: the inputs are fetched
+  into ``data_dir`` (a scratch folder) before the analysis and the results uploaded
+  before :func:`complete_job`. A node that cannot be reached gives the job back
+  (no attempt counted) and the worker waits ``poll`` seconds before claiming again.
 """
 
 from __future__ import annotations
@@ -41,6 +47,13 @@ from bac_node.errors import BacNodeError, StudyError
 from bac_node.grading import cardiovascular_flag
 from bac_node.model.weights import ModelCard
 from bac_node.node.db import Database
+from bac_node.node.jobfiles import (
+    JobFiles,
+    LeaseLostError,
+    NodeUnavailableError,
+    TransferError,
+    job_files,
+)
 from bac_node.node.queue import (
     RESULTS_DIR,
     ClaimedJob,
@@ -52,6 +65,7 @@ from bac_node.node.queue import (
     heartbeat,
     release_jobs,
 )
+from bac_node.outputs.sr import PriorLookup
 from bac_node.results import StudyOutputs, build_results, write_results
 
 log = logging.getLogger(__name__)
@@ -68,6 +82,7 @@ class Worker:
         predictor: Predictor,
         card: ModelCard,
         owner: str | None = None,
+        files: JobFiles | None = None,
     ) -> None:
         self.settings = settings
         self.db = db
@@ -75,12 +90,15 @@ class Worker:
         self.card = card
         self.owner = owner or default_owner("worker")
         self.model = CanvasModel(card.input_spacing_mm, card.threshold)
+        #: Where the job's files are: the shared data directory, or the node over HTTP.
+        self.files = files if files is not None else job_files(settings)
 
     @classmethod
     def from_settings(cls, settings: Settings, db: Database, *, owner: str | None = None) -> Worker:
         """A worker with the model of ``settings`` (``model``, ``device``), loaded once."""
         from bac_node.model.inference import load_predictor
 
+        files = job_files(settings)  # a wrong node_url/token file fails before the model loads
         predictor, card, untrained = load_predictor(
             settings.model or None, device=settings.device, backend=settings.backend
         )
@@ -94,19 +112,18 @@ class Worker:
             "worker model: %s %s (%s, %s)",
             card.name, card.version, settings.device, type(predictor).__name__,
         )  # fmt: skip
-        return cls(settings, db, predictor=predictor, card=card, owner=owner)
+        return cls(settings, db, predictor=predictor, card=card, owner=owner, files=files)
 
     # --- the loop -------------------------------------------------------------------
 
     def run_once(self) -> bool:
-        """Claim one job and process it; False when there was none."""
+        """Claim one job and process it; False when there was none (or it was given back)."""
         job = claim_job(
             self.db, self.owner, self.settings.lease_seconds, data_dir=self.settings.data_dir
         )
         if job is None:
             return False
-        self.process(job)
-        return True
+        return self.process(job)
 
     def run_forever(self, stop: threading.Event, poll: float = 1.0) -> None:
         """Process jobs until ``stop`` is set (the job in hand is finished first)."""
@@ -122,12 +139,22 @@ class Worker:
                     stop.wait(poll)
         finally:
             released = release_jobs(self.db, self.owner)
+            self.files.close()
             log.info("worker %s stopped (%d job(s) released)", self.owner, released)
 
     # --- one job --------------------------------------------------------------------
 
-    def process(self, job: ClaimedJob) -> None:
-        """Analyse ``job``'s study and record the result (or the failure)."""
+    def process(self, job: ClaimedJob) -> bool:
+        """Analyse ``job``'s study and record the result (or the failure).
+
+        False when the job was given back because the node could not be reached.
+        """
+        try:
+            return self._process(job)
+        finally:
+            self.files.cleanup(job)
+
+    def _process(self, job: ClaimedJob) -> bool:
         log.info(
             "job %d: study %s, %d image(s), attempt %d",
             job.job_id, job.study_uid, len(job.paths), job.attempts,
@@ -139,15 +166,27 @@ class Worker:
         )
         beat.start()
         try:
-            record = self._analyse(job)
+            record = self._analyse(self.files.fetch(job, self.owner))
+            self.files.publish(job, self.owner, record)
         except BacNodeError as exc:
             log.error("job %d: study %s cannot be analysed: %s", job.job_id, job.study_uid, exc)
             self._fail(job, str(exc), permanent=True)
-            return
+            return True
+        except LeaseLostError as exc:
+            log.warning("job %d: lease lost to another worker; dropped (%s)", job.job_id, exc)
+            return True
+        except NodeUnavailableError as exc:
+            log.error("job %d: given back: the node cannot be reached: %s", job.job_id, exc)
+            release_jobs(self.db, self.owner)
+            return False
+        except TransferError as exc:
+            log.error("job %d: study %s: %s", job.job_id, job.study_uid, exc)
+            self._fail(job, str(exc), permanent=False)
+            return True
         except Exception as exc:
             log.exception("job %d: analysis of study %s crashed", job.job_id, job.study_uid)
             self._fail(job, f"{type(exc).__name__}: {exc}", permanent=False)
-            return
+            return True
         finally:
             done.set()
             beat.join()
@@ -163,6 +202,7 @@ class Worker:
                 "is the same objects)",
                 job.job_id, job.study_uid,
             )  # fmt: skip
+        return True
 
     def _fail(self, job: ClaimedJob, error: str, *, permanent: bool) -> None:
         if not fail_job(self.db, job.job_id, self.owner, error, permanent=permanent):
@@ -202,9 +242,33 @@ class Worker:
         if not result.images:
             reasons = [f"{self._name(s)}: {r}" for s, r in result.not_analysed]
             raise StudyError(f"no image could be analysed ({'; '.join(reasons)})")
-        outputs = build_results(result, self.card)
+        outputs = build_results(result, self.card, prior=self._prior(job, result))
         study_dir = write_results(outputs, self.results_root(job))
         return self._record(outputs, study_dir, time.perf_counter() - start)
+
+    def _prior(self, job: ClaimedJob, result: StudyResult) -> PriorLookup | None:
+        """The prior study to compare with (priors on), or why there is none; within
+        ``priors_timeout`` whatever the PACS does (:mod:`bac_node.node.priors`)."""
+        if not self.settings.priors_pacs:
+            return None
+        from bac_node.node.priors import current_study, lookup_prior
+
+        start = time.perf_counter()
+        current = current_study(job.study_uid, result.images[0].image.dataset)
+        lookup = lookup_prior(self.settings, current, self.predictor, self.model)
+        seconds = time.perf_counter() - start
+        if lookup.prior is not None:
+            log.info(
+                "job %d: study %s: prior study %s (%s) found in %.1f s",
+                job.job_id, job.study_uid, lookup.prior.study_instance_uid,
+                lookup.prior.source, seconds,
+            )  # fmt: skip
+        else:
+            log.warning(
+                "job %d: study %s: reported without a prior (%.1f s): %s",
+                job.job_id, job.study_uid, seconds, lookup.reason,
+            )  # fmt: skip
+        return lookup
 
     def results_root(self, job: ClaimedJob) -> Path:
         """Where :func:`write_results` puts ``job``'s study folder."""

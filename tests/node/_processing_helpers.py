@@ -176,25 +176,28 @@ def add_rows(
 # --- processes ------------------------------------------------------------------------
 
 
-def claim_until_empty(data_dir: str, owner: str, out: str, start: Any) -> None:
+def claim_until_empty(location: str | Path, owner: str, out: str, start: Any) -> None:
     """Target of the multi-process claim test: claim jobs until none is left.
 
-    ``start`` (a multiprocessing Barrier) lines the processes up, so they race.
+    ``location``: a data directory (SQLite) or a database URL. ``start`` (a
+    multiprocessing Barrier) lines the processes up, so they race.
     """
     from bac_node.node.queue import claim_job
 
-    db = open_database(Path(data_dir))
+    db = open_database(location)
     claimed = []
     start.wait()
-    while (job := claim_job(db, owner, 300)) is not None:
+    while (job := claim_job(db, owner, 300, data_dir=Path("/d"))) is not None:
         claimed.append(job.job_id)
         time.sleep(0.01)  # "work": without it one process re-takes the lock every time
     db.dispose()
     Path(out).write_text(json.dumps(claimed))
 
 
-def slow_worker_main(data_dir: str, model: str, lease_seconds: int) -> None:
-    """A worker whose (real) model takes a minute per canvas: killed in the meantime."""
+def slow_worker_main(data_dir: str, model: str, lease_seconds: int, database: str = "") -> None:
+    """A worker whose (real) model takes a minute per canvas: killed in the meantime.
+
+    ``database``: the queue's URL (empty: the SQLite file in ``data_dir``)."""
     import numpy as np
     from numpy.typing import NDArray
 
@@ -207,8 +210,8 @@ def slow_worker_main(data_dir: str, model: str, lease_seconds: int) -> None:
         time.sleep(60)
         return predictor(canvas)
 
-    settings = node_settings(Path(data_dir), lease_seconds=lease_seconds)
-    db = open_database(settings.data_dir)
+    settings = node_settings(Path(data_dir), lease_seconds=lease_seconds, database=database)
+    db = open_database(settings.database or settings.data_dir)
     Worker(settings, db, predictor=slow, card=card, owner="doomed").run_once()
 
 

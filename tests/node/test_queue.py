@@ -1,7 +1,9 @@
 """The database as the queue: enqueue rules, claims and leases, exports and backoff.
 
-Everything runs against a real SQLite file in WAL mode; the claim tests race several
-threads and several spawned processes against one file.
+Every test that takes ``db`` runs twice: on a real SQLite file in WAL mode and on a real
+PostgreSQL database (``pg.db_location``: a server of the test session's own, a fresh
+database per test). The claim tests race several threads and several spawned processes
+against one database.
 """
 
 from __future__ import annotations
@@ -65,8 +67,8 @@ RECORD = ResultRecord(
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Iterator[Database]:
-    database = open_database(tmp_path)
+def db(db_location: str | Path) -> Iterator[Database]:
+    database = open_database(db_location)
     yield database
     database.dispose()
 
@@ -192,10 +194,21 @@ def test_claim_gives_absolute_paths_in_view_order(db: Database) -> None:
     assert claim_job(db, "w2", 60, data_dir=Path("/data"), now=T0) is None
 
 
-def test_claim_defaults_paths_to_the_sqlite_data_dir(db: Database, tmp_path: Path) -> None:
+def test_claim_defaults_paths_to_the_sqlite_data_dir(tmp_path: Path) -> None:
+    db = open_database(tmp_path)
     _queued_job(db)
     job = claim_job(db, "w1", 60)
     assert job is not None and job.paths[0] == tmp_path.resolve() / "x" / "1.2.3.1.dcm"
+    db.dispose()
+
+
+@pytest.mark.postgres
+def test_only_sqlite_knows_its_data_dir(postgres_url: str) -> None:
+    db = open_database(postgres_url)
+    _queued_job(db)
+    with pytest.raises(ValueError, match="pass data_dir"):
+        claim_job(db, "w1", 60)
+    db.dispose()
 
 
 def test_threads_claim_each_job_exactly_once(db: Database) -> None:
@@ -225,8 +238,8 @@ def test_threads_claim_each_job_exactly_once(db: Database) -> None:
     assert all(j.attempts == 1 for j in _jobs(db))
 
 
-def test_processes_claim_each_job_exactly_once(tmp_path: Path) -> None:
-    db = open_database(tmp_path)
+def test_processes_claim_each_job_exactly_once(db_location: str | Path, tmp_path: Path) -> None:
+    db = open_database(db_location)
     for n in range(60):
         add_rows(db, f"1.2.{n}", received=T0)
     assert len(enqueue_ready_studies(db, stable_after=60, now=T0)) == 60
@@ -234,7 +247,7 @@ def test_processes_claim_each_job_exactly_once(tmp_path: Path) -> None:
     outs = [tmp_path / f"claimed-{i}.json" for i in range(3)]
     start = ctx.Barrier(3)
     processes = [
-        ctx.Process(target=claim_until_empty, args=(str(tmp_path), f"p{i}", str(out), start))
+        ctx.Process(target=claim_until_empty, args=(db_location, f"p{i}", str(out), start))
         for i, out in enumerate(outs)
     ]
     for process in processes:
@@ -457,7 +470,7 @@ def test_the_queue_is_a_utc_clock(db: Database) -> None:
     """Without ``now`` the functions use utcnow (naive UTC), like the store's timestamps."""
     add_rows(db, "1.2.3")
     assert enqueue_ready_studies(db, stable_after=3600) == ["1.2.3"]
-    job = claim_job(db, "w", 30)
+    job = claim_job(db, "w", 30, data_dir=Path("/d"))
     assert job is not None
     (row,) = _jobs(db)
     assert row.lease_expires is not None

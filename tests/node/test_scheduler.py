@@ -36,6 +36,14 @@ def db(tmp_path: Path) -> Iterator[Database]:
     database.dispose()
 
 
+@pytest.fixture
+def queue_db(db_location: str | Path, tmp_path: Path) -> Iterator[Database]:
+    """``db`` on SQLite, then on PostgreSQL (``pg.db_location``); files in tmp_path/data."""
+    database = open_database(tmp_path / "data" if isinstance(db_location, Path) else db_location)
+    yield database
+    database.dispose()
+
+
 def _state(db: Database, model: type[Job] | type[Export]) -> list[str]:
     with db.read() as s:
         return list(s.scalars(select(model.state).order_by(model.id)))
@@ -124,19 +132,19 @@ def test_a_failing_tick_is_logged_and_the_clocks_go_on(
     assert "scheduler: export tick failed" in caplog.text
 
 
-def test_enqueue_and_reap_ticks_use_the_clock(db: Database, tmp_path: Path) -> None:
+def test_enqueue_and_reap_ticks_use_the_clock(queue_db: Database, tmp_path: Path) -> None:
     settings = node_settings(tmp_path / "data", stable_after=60, lease_seconds=30)
     now = [utcnow()]
-    scheduler = NodeScheduler(settings, db, exporter=None, clock=lambda: now[0])
-    add_rows(db, "1.2.3", ("R-CC", "L-CC"), received=now[0])
+    scheduler = NodeScheduler(settings, queue_db, exporter=None, clock=lambda: now[0])
+    add_rows(queue_db, "1.2.3", ("R-CC", "L-CC"), received=now[0])
     assert scheduler.enqueue_tick() == []
     now[0] += dt.timedelta(seconds=61)
     assert scheduler.enqueue_tick() == ["1.2.3"]
-    assert claim_job(db, "dead", 30, data_dir=settings.data_dir, now=now[0]) is not None
+    assert claim_job(queue_db, "dead", 30, data_dir=settings.data_dir, now=now[0]) is not None
     assert scheduler.reap_tick() == (0, 0)
     now[0] += dt.timedelta(seconds=31)
     assert scheduler.reap_tick() == (1, 0)
-    assert _state(db, Job) == ["pending"]
+    assert _state(queue_db, Job) == ["pending"]
     assert scheduler.export_tick() == 0  # no exporter
     assert scheduler.retention_tick() == []  # retention off by default
 
@@ -161,33 +169,33 @@ def _files(db: Database, data_dir: Path, uid: str) -> list[Path]:
         return [data_dir / row.path for row in rows]
 
 
-def test_retention_deletes_old_inputs_and_keeps_results(db: Database, tmp_path: Path) -> None:
+def test_retention_deletes_old_inputs_and_keeps_results(queue_db: Database, tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     now = [utcnow()]
-    old = _done_study(db, data_dir, tmp_path, 41, now[0] - dt.timedelta(days=10))
-    recent = _done_study(db, data_dir, tmp_path, 42, now[0] - dt.timedelta(days=2))
-    pending = store_files(db, data_dir, phantom_study(tmp_path / "in43", 43))  # not analysed
+    old = _done_study(queue_db, data_dir, tmp_path, 41, now[0] - dt.timedelta(days=10))
+    recent = _done_study(queue_db, data_dir, tmp_path, 42, now[0] - dt.timedelta(days=2))
+    pending = store_files(queue_db, data_dir, phantom_study(tmp_path / "in43", 43))  # not analysed
     result_file = data_dir / "results" / "x" / old / "sr.dcm"
     result_file.parent.mkdir(parents=True)
     result_file.write_bytes(b"result")
 
     settings = node_settings(data_dir, retention_days=7)
-    scheduler = NodeScheduler(settings, db, exporter=None, clock=lambda: now[0])
+    scheduler = NodeScheduler(settings, queue_db, exporter=None, clock=lambda: now[0])
     assert scheduler.retention_tick() == [old]
-    assert not any(path.exists() for path in _files(db, data_dir, old))
-    assert all(path.exists() for path in _files(db, data_dir, recent))
-    assert all(path.exists() for path in _files(db, data_dir, pending))
+    assert not any(path.exists() for path in _files(queue_db, data_dir, old))
+    assert all(path.exists() for path in _files(queue_db, data_dir, recent))
+    assert all(path.exists() for path in _files(queue_db, data_dir, pending))
     assert result_file.read_bytes() == b"result"
-    with db.read() as s:
+    with queue_db.read() as s:
         purged = {st.study_uid: st.purged for st in s.scalars(select(Study))}
     assert purged == {old: True, recent: False, pending: False}
     assert scheduler.retention_tick() == []  # once
 
     # New images of a studied study: its inputs are kept until their own result is old.
-    store_files(db, data_dir, phantom_study(tmp_path / "in42", 42)[:1], received=now[0])
+    store_files(queue_db, data_dir, phantom_study(tmp_path / "in42", 42)[:1], received=now[0])
     now[0] += dt.timedelta(days=30)
     assert scheduler.retention_tick() == []
-    assert all(path.exists() for path in _files(db, data_dir, recent))
+    assert all(path.exists() for path in _files(queue_db, data_dir, recent))
 
 
 def test_retention_is_off_by_default_and_not_scheduled(db: Database, tmp_path: Path) -> None:

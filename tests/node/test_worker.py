@@ -1,4 +1,8 @@
-"""The worker with a real (tiny) model: jobs end to end, failures, leases, crashes."""
+"""The worker with a real (tiny) model: jobs end to end, failures, leases, crashes.
+
+The tests about the queue (retries, lost leases, a killed worker) take ``queue_db`` and
+run on SQLite and on PostgreSQL (``pg.db_location``); the files stay in ``data_dir``.
+"""
 
 from __future__ import annotations
 
@@ -66,6 +70,14 @@ def data_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def db(data_dir: Path) -> Iterator[Database]:
     database = open_database(data_dir)
+    yield database
+    database.dispose()
+
+
+@pytest.fixture
+def queue_db(db_location: str | Path, data_dir: Path) -> Iterator[Database]:
+    """The database of the queue tests: SQLite in ``data_dir``, then PostgreSQL."""
+    database = open_database(data_dir if isinstance(db_location, Path) else db_location)
     yield database
     database.dispose()
 
@@ -179,40 +191,40 @@ def test_a_study_uid_mismatch_fails_the_job_for_good(
 
 
 def test_a_crash_is_retried_then_fails(
-    db: Database,
+    queue_db: Database,
     data_dir: Path,
     tmp_path: Path,
     model: tuple[Predictor, ModelCard],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    uid = _queue(db, data_dir, phantom_study(tmp_path / "in", 14))
+    uid = _queue(queue_db, data_dir, phantom_study(tmp_path / "in", 14))
 
     def out_of_memory(canvas: NDArray[np.float32]) -> NDArray[np.float32]:
         raise MemoryError("cannot allocate 4 GiB")
 
-    worker = Worker(node_settings(data_dir), db, predictor=out_of_memory, card=model[1])
+    worker = Worker(node_settings(data_dir), queue_db, predictor=out_of_memory, card=model[1])
     with caplog.at_level(logging.ERROR, logger="bac_node.node.worker"):
         assert worker.run_once()
-    job = _job(db)
+    job = _job(queue_db)
     assert (job.state, job.attempts) == ("pending", 1)
     assert job.last_error == "MemoryError: cannot allocate 4 GiB"
     (record,) = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert uid in record.getMessage() and record.exc_info is not None
     for _ in range(MAX_JOB_ATTEMPTS - 1):
         assert worker.run_once()
-    job = _job(db)
+    job = _job(queue_db)
     assert (job.state, job.attempts) == ("failed", MAX_JOB_ATTEMPTS)
     assert not worker.run_once()
 
 
 def test_a_worker_that_lost_its_lease_drops_its_result(
-    db: Database,
+    queue_db: Database,
     data_dir: Path,
     tmp_path: Path,
     model: tuple[Predictor, ModelCard],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    _queue(db, data_dir, phantom_study(tmp_path / "in", 15))
+    _queue(queue_db, data_dir, phantom_study(tmp_path / "in", 15))
     predictor, card = model
     inside, steal = threading.Event(), threading.Event()
 
@@ -222,35 +234,37 @@ def test_a_worker_that_lost_its_lease_drops_its_result(
         return predictor(canvas)
 
     settings = node_settings(data_dir, lease_seconds=1)  # heartbeats every 1/3 s
-    worker = Worker(settings, db, predictor=waits_for_the_thief, card=card, owner="slow")
+    worker = Worker(settings, queue_db, predictor=waits_for_the_thief, card=card, owner="slow")
     thread = threading.Thread(target=worker.run_once)
     with caplog.at_level(logging.WARNING, logger="bac_node.node.worker"):
         thread.start()
         wait_for(inside.is_set, 30, "the analysis to start")
-        with db.session() as s:  # as if its lease ran out and another worker claimed it
+        with queue_db.session() as s:  # as if its lease ran out and another worker claimed it
             s.execute(update(Job).values(lease_owner="thief"))
         wait_for(lambda: "lease lost to another worker" in caplog.text, 10, "the heartbeat")
         steal.set()
         thread.join(60)
     assert "result dropped" in caplog.text
-    assert _results(db) == []
-    job = _job(db)
+    assert _results(queue_db) == []
+    job = _job(queue_db)
     assert (job.state, job.lease_owner) == ("running", "thief")
 
 
+@pytest.mark.slow
 def test_a_killed_worker_is_replaced_and_one_result_recorded(
-    db: Database,
+    queue_db: Database,
     data_dir: Path,
     tmp_path: Path,
     model_path: Path,
     model: tuple[Predictor, ModelCard],
 ) -> None:
-    _queue(db, data_dir, phantom_study(tmp_path / "in", 16))
+    _queue(queue_db, data_dir, phantom_study(tmp_path / "in", 16))
     log_file = tmp_path / "doomed.log"
     code = (
         f"import sys; sys.path.insert(0, {str(HERE)!r}); "
         "from _processing_helpers import slow_worker_main; "
-        f"slow_worker_main({str(data_dir)!r}, {str(model_path)!r}, 2)"
+        f"slow_worker_main({str(data_dir)!r}, {str(model_path)!r}, 2, "
+        f"{queue_db.engine.url.render_as_string(hide_password=False)!r})"
     )
     with log_file.open("w") as log:
         doomed = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=log)
@@ -258,29 +272,29 @@ def test_a_killed_worker_is_replaced_and_one_result_recorded(
 
         def running() -> bool:
             assert doomed.poll() is None, log_file.read_text()
-            job = _job(db)
+            job = _job(queue_db)
             return job.state == "running" and job.lease_owner == "doomed"
 
         wait_for(running, 90, "the doomed worker to claim the job")
     finally:
         os.kill(doomed.pid, signal.SIGKILL)
         doomed.wait(30)
-    job = _job(db)
+    job = _job(queue_db)
     assert (job.state, job.attempts, job.lease_owner) == ("running", 1, "doomed")
     expires = job.lease_expires
     assert expires is not None
     before_expiry = expires.replace(microsecond=0)
-    assert claim_job(db, "early", 2, data_dir=data_dir, now=before_expiry) is None
+    assert claim_job(queue_db, "early", 2, data_dir=data_dir, now=before_expiry) is None
 
     wait_for(lambda: utcnow() > expires, 10, "the dead worker's lease to expire")
     survivor = Worker(
-        node_settings(data_dir, lease_seconds=2), db, predictor=model[0], card=model[1],
+        node_settings(data_dir, lease_seconds=2), queue_db, predictor=model[0], card=model[1],
         owner="survivor",
     )  # fmt: skip
     assert survivor.run_once()
-    job = _job(db)
+    job = _job(queue_db)
     assert (job.state, job.attempts, job.lease_owner) == ("done", 2, "survivor")
-    (result,) = _results(db)
+    (result,) = _results(queue_db)
     assert all((data_dir / f).is_file() for f in result.files)
     assert not survivor.run_once()
 
