@@ -51,6 +51,10 @@ Decisions a next engineer needs:
   histogram) are read from the database at each scrape, so they include what other
   processes (``bac-node worker``) did and survive restarts; this process's STOW-RS
   requests, parts and bytes are ordinary counters.
+- **Job files** (``/jobs/{job}/inputs``, ``/jobs/{job}/results/{name}``): a worker on
+  a host without the shared data directory fetches a claimed job's inputs and uploads
+  its results, token and lease holder only; :mod:`bac_node.node.jobfiles` has the
+  routes, their OpenAPI entries and the worker's client.
 - **No patient identifiers** leave through HTTP: studies and instances are named by
   UID, the status page shows UIDs, states, grades and times only, and nothing here
   logs a request body.
@@ -255,10 +259,19 @@ def _media_type(value: str) -> str:
 
 
 def _media_params(value: str) -> dict[str, str]:
+    """The parameters of a media type; HttpError 400 when the email package cannot parse them.
+
+    ``boundary*=x; boundary*0=y`` (a continuation mixed with a plain RFC 2231 parameter)
+    made ``email.utils.decode_params`` raise TypeError: an HTTP 500, found by
+    tests/reliability/fuzz/fuzz_multipart.py.
+    """
     message = email.message.Message()
     message["content-type"] = value
-    params = message.get_params(header="content-type") or []
-    return {str(k).lower(): str(v) for k, v in params[1:]}
+    try:
+        params = message.get_params(header="content-type") or []
+        return {str(k).lower(): str(v) for k, v in params[1:]}
+    except Exception as exc:  # the stdlib parser's failures are not documented
+        raise HttpError(400, f"malformed Content-Type parameters ({type(exc).__name__})") from None
 
 
 def request_boundary(content_type: str) -> str:
@@ -764,6 +777,8 @@ class HttpContext:
 
 def build_app(context: HttpContext) -> Starlette:
     """The Starlette application of :func:`openapi_document`'s interface."""
+    from bac_node.node import jobfiles  # it imports this module's helpers
+
     routes = _Routes(context)
     return Starlette(
         routes=[
@@ -776,6 +791,7 @@ def build_app(context: HttpContext) -> Starlette:
             Route("/openapi.json", routes.openapi, methods=["GET"]),
             Route("/dicomweb/studies", routes.stow, methods=["POST"]),
             Route("/dicomweb/studies/{study}", routes.stow, methods=["POST"]),
+            *jobfiles.routes(context),  # workers without the shared data directory
         ]
     )
 
@@ -950,32 +966,10 @@ class _Routes:
                 False,
                 f"part {number}: {media} is not {APPLICATION_DICOM}",
             )
-        data = body[part.start : part.end]
-        if _deflated(data):
-            # pydicom inflates a deflated data set whole, in memory: the 1.1 MB
-            # tests/reliability/corpus/deflate_bomb.dcm took > 2 GiB. Like the SCP (which
-            # does not offer the syntax), STOW-RS refuses Deflated Explicit VR LE.
-            return InstanceOutcome(
-                "", "", CANNOT_UNDERSTAND, False,
-                f"part {number}: Deflated Explicit VR Little Endian is not accepted",
-            )  # fmt: skip
-        try:
-            ds = dcmread(BytesIO(data))
-            syntax = str(ds.file_meta.TransferSyntaxUID)
-        except (
-            InvalidDicomError,
-            AttributeError,
-            EOFError,
-            ValueError,
-            KeyError,
-            TypeError,
-            # a sequence nested 500 deep (tests/reliability/corpus/) was an HTTP 500
-            RecursionError,
-        ) as exc:
-            reason = "not a DICOM Part 10 file" if isinstance(exc, InvalidDicomError) else (
-                f"cannot be read as DICOM ({type(exc).__name__})"
-            )  # fmt: skip
-            return InstanceOutcome("", "", CANNOT_UNDERSTAND, False, f"part {number}: {reason}")
+        read = read_part(body[part.start : part.end], number)
+        if isinstance(read, InstanceOutcome):
+            return read
+        ds, syntax = read
         sop_class = _uid_text(ds, "SOPClassUID")
         sop_uid = _uid_text(ds, "SOPInstanceUID")
         if study is not None and _uid_text(ds, "StudyInstanceUID") != study:
@@ -992,6 +986,78 @@ class _Routes:
         )  # fmt: skip
 
 
+def read_part(data: bytes, number: int) -> tuple[Dataset, str] | InstanceOutcome:
+    """A STOW-RS part as (data set, its transfer syntax), or its refusal (0xC000).
+
+    Never raises for any bytes (tests/reliability/fuzz/fuzz_read.py fuzzes it with the
+    store's validation after it).
+    """
+    problem = _file_meta_problem(data)
+    if problem:
+        return InstanceOutcome("", "", CANNOT_UNDERSTAND, False, f"part {number}: {problem}")
+    if _deflated(data):
+        # pydicom inflates a deflated data set whole, in memory: the 1.1 MB
+        # tests/reliability/corpus/deflate_bomb.dcm took > 2 GiB. Like the SCP (which
+        # does not offer the syntax), STOW-RS refuses Deflated Explicit VR LE.
+        return InstanceOutcome(
+            "", "", CANNOT_UNDERSTAND, False,
+            f"part {number}: Deflated Explicit VR Little Endian is not accepted",
+        )  # fmt: skip
+    try:
+        ds = dcmread(BytesIO(data))
+        syntax = ds.file_meta.TransferSyntaxUID
+        if not isinstance(syntax, str):  # see _deflated: never str() a sequence
+            raise TypeError("the Transfer Syntax UID is not a UID")
+    # Any failure of pydicom's parser on these bytes is the part's refusal, as the SCP
+    # answers 0xC000 to any failure to decode a data set: a list of types missed
+    # RecursionError (a sequence nested 500 deep, tests/reliability/corpus/) and OSError
+    # ("No tag to read", found by tests/reliability/fuzz/fuzz_read.py), each an HTTP 500.
+    except Exception as exc:
+        reason = "not a DICOM Part 10 file" if isinstance(exc, InvalidDicomError) else (
+            f"cannot be read as DICOM ({type(exc).__name__})"
+        )  # fmt: skip
+        return InstanceOutcome("", "", CANNOT_UNDERSTAND, False, f"part {number}: {reason}")
+    return ds, syntax
+
+
+#: Explicit VR Little Endian VRs with a 2-byte reserved field and a 4-byte length.
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
+                       b"UR", b"UT", b"UV"})  # fmt: skip
+
+
+def _file_meta_problem(data: bytes) -> str | None:
+    """Why a Part 10 file's meta (group 0002) must not reach pydicom, or None.
+
+    The meta is a short list of UIDs and text (PS3.10 7.1): a sequence or an undefined
+    length in it is never valid, and pydicom's meta reader followed one nested sequence
+    of a 15 kB part past 2 GiB of memory (found by tests/reliability/fuzz/fuzz_read.py,
+    kept in fuzz/regressions/). The elements are walked here, without parsing values; a
+    file that is not Part 10 at all is left to dcmread, which names the problem.
+    """
+    if len(data) < 132 or data[128:132] != b"DICM":
+        return None
+    offset = 132
+    while offset + 8 <= len(data):
+        group = int.from_bytes(data[offset : offset + 2], "little")
+        if group != 0x0002:
+            return None
+        vr = data[offset + 4 : offset + 6]
+        if vr == b"SQ":
+            return "the file meta information (group 0002) holds a sequence"
+        if vr in _LONG_VRS:
+            if offset + 12 > len(data):
+                return None
+            length = int.from_bytes(data[offset + 8 : offset + 12], "little")
+            header = 12
+        else:
+            length = int.from_bytes(data[offset + 6 : offset + 8], "little")
+            header = 8
+        if length == 0xFFFFFFFF:
+            return "the file meta information (group 0002) has an undefined length"
+        offset += header + length
+    return None
+
+
 def _deflated(data: bytes) -> bool:
     """Whether a Part 10 file's meta says Deflated Explicit VR Little Endian (else False)."""
     try:
@@ -1002,7 +1068,10 @@ def _deflated(data: bytes) -> bool:
         fp = BytesIO(data)
         read_preamble(fp, False)
         meta = _read_file_meta_info(fp)
-        return str(meta.get("TransferSyntaxUID", "")) == DeflatedExplicitVRLittleEndian
+        # Never str() a value that is not text: a Transfer Syntax UID that is a deeply
+        # nested sequence pretty-printed to > 2 GiB (tests/reliability/fuzz/fuzz_read.py)
+        syntax = meta.get("TransferSyntaxUID", "")
+        return isinstance(syntax, str) and syntax == DeflatedExplicitVRLittleEndian
     except Exception:
         return False  # dcmread then gives the reason
 
@@ -1221,6 +1290,8 @@ def _protected(summary: str, media: str, description: str) -> dict[str, Any]:
 
 def openapi_document() -> dict[str, Any]:
     """The OpenAPI 3.0 description of the HTTP interface (served and committed)."""
+    from bac_node.node import jobfiles
+
     readiness = {
         "type": "object",
         "properties": {
@@ -1305,6 +1376,7 @@ def openapi_document() -> dict[str, Any]:
             },
             "/dicomweb/studies": {"post": _stow_operation(False)},
             "/dicomweb/studies/{study}": {"post": _stow_operation(True)},
+            **jobfiles.openapi_paths(),
         },
     }
 

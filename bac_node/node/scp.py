@@ -40,6 +40,18 @@ Decisions a next engineer needs:
   data set pydicom cannot parse gets 0xC000, and an unexpected error 0xC000 with a log
   line naming the SOP Instance UID; the association and the other instances go on.
   Error Comment (at most 64 characters) carries the reason, never patient data.
+- **TLS** (``tls_cert`` + ``tls_key``): the DICOM port then speaks TLS only (TLS 1.2 or
+  later; DICOM's own TLS port is 2762, set ``port`` to it if your PACS expects it).
+  ``tls_ca`` also requires a client certificate signed by that CA; a peer without one,
+  or with another CA's, fails the handshake and never reaches A-ASSOCIATE. pynetdicom
+  wraps each accepted socket in its single accept loop, so a handshake there would let
+  one silent client stall every new association: :class:`_DeferredHandshakeContext`
+  wraps without the handshake, which then happens on the association's first read, in
+  its own thread, under ``network_timeout``. A refused handshake is logged by
+  pynetdicom (``pynetdicom.dul``, ERROR, OpenSSL's reason such as "certificate verify
+  failed", with a traceback). Exports to TLS destinations are not built:
+  ``destinations`` entries are plain DIMSE (a TLS tunnel such as stunnel, or the
+  destination's DICOMweb URL over https, meets that need).
 - :meth:`ScpServer.shutdown` stops accepting, lets the associations in flight finish
   (their stores complete and are answered) for up to a timeout, then aborts the rest.
 """
@@ -49,10 +61,12 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import (
@@ -74,7 +88,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from bac_node.config import Settings, is_dicomweb_destination, parse_destination, parse_peer
-from bac_node.errors import BacNodeError
+from bac_node.errors import BacNodeError, ConfigError
 from bac_node.node.store import (
     CANNOT_UNDERSTAND,
     ERROR_COMMENT_MAX,
@@ -134,6 +148,56 @@ def build_ae(settings: Settings) -> AE:
     ae.dimse_timeout = settings.network_timeout
     ae.network_timeout = settings.network_timeout
     return ae
+
+
+# --- TLS -------------------------------------------------------------------------------
+
+
+class _DeferredHandshakeContext(ssl.SSLContext):
+    """An SSLContext whose server sockets do their handshake on first read, with a timeout.
+
+    pynetdicom calls ``wrap_socket`` in its accept loop (see the module docstring).
+    """
+
+    handshake_timeout: float = 60.0
+
+    def wrap_socket(self, sock: socket.socket, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
+        kwargs["do_handshake_on_connect"] = False
+        sock.settimeout(self.handshake_timeout)
+        return super().wrap_socket(sock, *args, **kwargs)
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The SCP's TLS context from ``tls_cert``/``tls_key``/``tls_ca``; None when TLS is off.
+
+    A file that cannot be loaded is a :class:`ConfigError` naming the setting.
+    """
+    if not settings.tls_cert:
+        return None
+    context = _DeferredHandshakeContext(ssl.PROTOCOL_TLS_SERVER)
+    context.handshake_timeout = float(settings.network_timeout)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"tls_cert {settings.tls_cert} / tls_key {settings.tls_key}: cannot load "
+            f"({_tls_reason(exc)}); both must be PEM files, the key unencrypted"
+        ) from None
+    if settings.tls_ca:
+        try:
+            context.load_verify_locations(cafile=settings.tls_ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"tls_ca {settings.tls_ca}: cannot load ({_tls_reason(exc)}); "
+                "it must hold PEM CA certificates"
+            ) from None
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def _tls_reason(exc: OSError | ssl.SSLError) -> str:
+    return str(getattr(exc, "reason", None) or exc.strerror or type(exc).__name__)
 
 
 # --- calling AE allowlist ---------------------------------------------------------------
@@ -271,10 +335,12 @@ def start_scp(
         )
     handlers = _Handlers(store, allowlist)
     address = (host, settings.port if port is None else port)
+    context = tls_context(settings)
     try:
         server = ae.start_server(
             address,
             block=False,
+            ssl_context=context,
             evt_handlers=[
                 (evt.EVT_REQUESTED, handlers.on_requested),
                 (evt.EVT_ESTABLISHED, handlers.on_established),
@@ -293,8 +359,10 @@ def start_scp(
     assert isinstance(server, ThreadedAssociationServer)
     scp = ScpServer(server, ae, default_timeout=settings.network_timeout + 5)
     log.info(
-        "DICOM SCP %s listening on %s:%d (max %d associations)",
+        "DICOM SCP %s listening on %s:%d (max %d associations%s)",
         settings.ae_title, host or "*", scp.port, settings.max_associations,
+        "" if context is None
+        else ", TLS, client certificates required" if settings.tls_ca else ", TLS",
     )  # fmt: skip
     return scp
 

@@ -234,11 +234,16 @@ class InstanceStore:
         expected_sop_class: str | None,
         calling_ae: str,
     ) -> StoreOutcome | tuple[_Identity, bool, str]:
-        truncated = _truncated_element(ds)
-        if truncated:
-            uid = _safe_text(ds, "SOPInstanceUID")
-            return _failure(CANNOT_UNDERSTAND, uid, "", f"the data set is truncated ({truncated})")
         try:
+            # Inside the try: looking at the last element converts it, and an unknown VR
+            # there raised NotImplementedError out of store() (an HTTP 500 on STOW-RS),
+            # found by tests/reliability/fuzz/fuzz_read.py.
+            truncated = _truncated_element(ds)
+            if truncated:
+                uid = _safe_text(ds, "SOPInstanceUID")
+                return _failure(
+                    CANNOT_UNDERSTAND, uid, "", f"the data set is truncated ({truncated})"
+                )
             for _ in ds.iterall():  # pydicom parses values lazily: surface errors now
                 pass
         except Exception as exc:
@@ -514,7 +519,9 @@ def _insert(session: Session, record: _Record) -> None:
         )  # fmt: skip
         session.add(study)
         session.flush()
-    study.instance_count += 1
+    # In SQL, not Python: two PostgreSQL transactions storing into one study at once
+    # would otherwise both write the count they read (a lost update).
+    study.instance_count = Study.instance_count + 1
     study.last_received = now
     study.queued = False
     instance = Instance(
@@ -742,7 +749,12 @@ def _one_line(exc: object) -> str:
 
 
 def _os_reason(what: str, exc: OSError) -> str:
-    reason = exc.strerror or type(exc).__name__
+    # pydicom re-raises a write's OSError as OSError("With tag ... got exception: ...")
+    # without errno: the reason ("No space left on device") is its cause's.
+    cause: BaseException | None = exc
+    while cause is not None and not getattr(cause, "strerror", None):
+        cause = cause.__cause__
+    reason = getattr(cause, "strerror", None) or type(exc).__name__
     return f"out of resources: cannot {what} the file ({reason})"
 
 

@@ -11,6 +11,7 @@ checked against the node's database and data directory: nothing partial is store
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import hashlib
 import json
 import os
@@ -37,9 +38,10 @@ from sqlalchemy import select
 from bac_node.cli import main as cli_main
 from bac_node.config import Settings, parse_dicomweb_destination
 from bac_node.errors import BacNodeError, ConfigError
-from bac_node.node.db import Export, Instance, open_database
+from bac_node.node.db import Export, Instance, Job, Study, open_database, utcnow
 from bac_node.node.export import Exporter, ExportError
 from bac_node.node.http import HttpError, openapi_document, split_multipart, start_http
+from bac_node.node.queue import inputs_key
 from bac_node.node.scp import CallingAllowlist
 from bac_node.node.store import InstanceStore
 
@@ -132,6 +134,43 @@ class HttpNode(Serve):
             for sample in family.samples:
                 samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
         return samples
+
+
+SCHEMATHESIS_OWNER = "schemathesis:1:worker0"
+
+
+def held_job(data_dir: Path, owner: str, tmp_path: Path) -> tuple[int, str]:
+    """A running job held by ``owner`` for a day (the node's own worker never claims it),
+    of a new study with one stored image: what the job-file routes serve. (job id, the
+    image's SOP Instance UID)."""
+    sop_uid, content = new_instance(tmp_path)
+    relative = Path("instances") / "schemathesis" / f"{sop_uid}.dcm"
+    (data_dir / relative).parent.mkdir(parents=True, exist_ok=True)
+    (data_dir / relative).write_bytes(content)
+    sha = hashlib.sha256(content).hexdigest()
+    db = open_database(data_dir)
+    try:
+        with db.session() as s:
+            study = Study(study_uid=pydicom.uid.generate_uid(prefix="2.25."), queued=True)
+            s.add(study)
+            s.flush()
+            s.add(
+                Instance(
+                    sop_instance_uid=sop_uid, study_id=study.id, series_uid="2.25.1",
+                    sop_class_uid="1.2.840.10008.5.1.4.1.1.1.2",
+                    transfer_syntax_uid="1.2.840.10008.1.2.1",
+                    path=str(relative), size_bytes=len(content), sha256=sha, view="R-CC",
+                )
+            )  # fmt: skip
+            job = Job(
+                study_id=study.id, inputs_key=inputs_key([(sop_uid, sha)]), state="running",
+                lease_owner=owner, lease_expires=utcnow() + dt.timedelta(days=1), attempts=1,
+            )  # fmt: skip
+            s.add(job)
+            s.flush()
+            return job.id, sop_uid
+    finally:
+        db.dispose()
 
 
 def auth(token: str | None) -> dict[str, str]:
@@ -516,7 +555,15 @@ def test_schemathesis_finds_no_server_error_nor_departure_from_the_spec(
     node: HttpNode, tmp_path: Path
 ) -> None:
     """Every default check (not_a_server_error, status code, content type and response
-    schema conformance, auth enforced, ...) on every operation; few examples, fixed seed."""
+    schema conformance, auth enforced, ...) on every operation; few examples, fixed seed.
+
+    The job-file routes get a job held by a fixed lease owner (schemathesis.toml), so
+    schemathesis reaches their logic rather than only their 404s."""
+    job_id, sop_uid = held_job(node.data_dir, SCHEMATHESIS_OWNER, tmp_path)
+    (tmp_path / "schemathesis.toml").write_text(
+        f'[parameters]\n"path.job" = {job_id}\n"path.instance" = "{sop_uid}"\n'
+        f'"query.owner" = "{SCHEMATHESIS_OWNER}"\n'
+    )
     command = [
         str(Path(sys.executable).with_name("schemathesis")), "run", f"{node.url}/openapi.json",
         "--max-examples", "8", "--seed", "1",
@@ -531,4 +578,4 @@ def test_schemathesis_finds_no_server_error_nor_departure_from_the_spec(
         ),
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
-    assert "Tested: 8" in run.stdout and "No issues found" in run.stdout, run.stdout[-3000:]
+    assert "Tested: 11" in run.stdout and "No issues found" in run.stdout, run.stdout[-3000:]
