@@ -270,28 +270,18 @@ def parse_dicomweb_destination(text: str) -> str:
     Credentials in the URL are refused: destinations appear in logs, ``bac-node status``
     and the status page.
     """
-    _check_http_url(
-        text, f"destinations entry {text!r}", shape="http(s)://host[:port]/path",
-        credentials="credentials do not belong in the URL",
-        query="a DICOMweb base URL has no query",
-    )  # fmt: skip
-    return text.strip().rstrip("/")
-
-
-def _check_http_url(text: str, name: str, *, shape: str, credentials: str, query: str) -> None:
-    """Raise ConfigError unless ``text`` is an http(s) URL with a host, no credentials, no
-    query and a valid port (``name`` and the reasons make the message)."""
     url = urlsplit(text.strip())
     if url.scheme.lower() not in ("http", "https") or not url.hostname:
-        raise ConfigError(f"{name} must look like {shape}")
+        raise ConfigError(f"destinations entry {text!r} must look like http(s)://host[:port]/path")
     if url.username is not None or url.password is not None:
-        raise ConfigError(f"{name}: {credentials}")
+        raise ConfigError(f"destinations entry {text!r}: credentials do not belong in the URL")
     if url.query or url.fragment:
-        raise ConfigError(f"{name}: {query}")
+        raise ConfigError(f"destinations entry {text!r}: a DICOMweb base URL has no query")
     try:
         url.port  # noqa: B018 (an out-of-range port raises here)
     except ValueError:
-        raise ConfigError(f"{name}: invalid port") from None
+        raise ConfigError(f"destinations entry {text!r}: invalid port") from None
+    return text.strip().rstrip("/")
 
 
 #: Database URL schemes the ``database`` setting accepts (SQLite, PostgreSQL via psycopg 3).
@@ -345,11 +335,17 @@ def redact_url(url: str) -> str:
 
 def check_node_url(url: str) -> str:
     """A ``node_url``: ``http(s)://host[:port][/prefix]``, no credentials, no query."""
-    _check_http_url(
-        url, f"node_url {url!r}", shape="http(s)://host:port",
-        credentials="credentials do not belong in the URL (a token file)",
-        query="a base URL has no query",
-    )  # fmt: skip
+    parts = urlsplit(url.strip())
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"node_url {url!r} must look like http(s)://host:port")
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError(f"node_url {url!r}: credentials do not belong in the URL (a token file)")
+    if parts.query or parts.fragment:
+        raise ConfigError(f"node_url {url!r}: a base URL has no query")
+    try:
+        parts.port  # noqa: B018 (an out-of-range port raises here)
+    except ValueError:
+        raise ConfigError(f"node_url {url!r}: invalid port") from None
     return url
 
 
